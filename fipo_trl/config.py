@@ -1,0 +1,142 @@
+"""FIPOConfig: GRPOConfig with the FIPO fields and the official FIPO defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters
+
+# How each functional-API argument is spelled in the config, so validation errors name the config field.
+CONFIG_FIELD_NAMES = {
+    "decay_rate": "fipo_decay_rate",
+    "clip_ratio": "fipo_clip_ratio",
+    "clip_high_only": "fipo_clip_high_only",
+    "safety_threshold": "fipo_safety_threshold",
+    "dual_clip": "delta",
+    "epsilon_low": "epsilon",
+    "epsilon_high": "epsilon_high",
+}
+
+
+@dataclass
+class FIPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`FIPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the FIPO fields below.
+
+    FIPO (Future-KL Influenced Policy Optimization, arXiv 2603.19835) is DAPO in which each completion token's
+    advantage is multiplied by a detached weight f_t = clip(exp(F_t)), with F_t the discounted sum of the signed
+    log-ratio log pi_theta - log pi_old over the token and the tokens after it. Defaults reproduce the paper's
+    official Qwen2.5-32B recipe; the Qwen2.5-Math-7B values are given in each help text.
+
+    Unlike GRPOConfig, the defaults make several optimizer updates per generation batch: with exactly one, pi_theta
+    equals pi_old at every update, every weight is 1, and FIPO is DAPO.
+    """
+
+    # FIPO fields ---------------------------------------------------------------------------------------------
+    fipo_decay_rate: float = field(
+        default=32.0,
+        metadata={"help": "Future-KL decay rate tau: gamma = 2^(-1/tau), so a future token's log-ratio counts half "
+                  "after tau tokens. Paper: 32 for both the 32B and the 7B recipe (ablated over 8/32/128/256)."},
+    )
+    fipo_clip_ratio: float = field(
+        default=0.2,
+        metadata={"help": "Clip range epsilon_f of the influence weight f = clip(exp(F)): [1, 1 + epsilon_f] when "
+                  "`fipo_clip_high_only`, else [1 - epsilon_f, 1 + epsilon_f]. 0 means the official uncapped "
+                  "min(exp(F), 10). Paper: 0.2 (32B: [1, 1.2]; 7B: [0.8, 1.2])."},
+    )
+    fipo_clip_high_only: bool = field(
+        default=True,
+        metadata={"help": "Clip the influence weight to [1, 1 + fipo_clip_ratio] (True) or to "
+                  "[1 - fipo_clip_ratio, 1 + fipo_clip_ratio] (False). Paper: True for 32B, False for 7B."},
+    )
+    fipo_safety_threshold: float = field(
+        default=10.0,
+        metadata={"help": "Safety rule: for a token with negative advantage and importance ratio above this "
+                  "threshold, the weight is clamped into [0.8, 1]. Paper: 10.0 for 32B, 3.0 for 7B."},
+    )
+    fipo_updates_per_generation: int = field(
+        default=8,
+        metadata={"help": "Optimizer updates per generation batch when neither `steps_per_generation` nor "
+                  "`generation_batch_size` is set: steps_per_generation = this x gradient_accumulation_steps. "
+                  "Must be > 1 or FIPO equals DAPO. Paper: 8 (8 disjoint mini-batches of 64 prompts per rollout)."},
+    )
+    fipo_sequence_filter: bool = field(
+        default=True,
+        metadata={"help": "Drop a completion with more than one dual-clipped token (negative advantage and "
+                  "importance ratio > `delta`) from the loss, as the official code does."},
+    )
+
+    # GRPO fields whose defaults FIPO changes -------------------------------------------------------------------
+    loss_type: str = field(
+        default="bnpo",
+        metadata={"help": "Loss normalisation. 'bnpo' (default) is the official FIPO one: a token mean per "
+                  "micro-batch, divided by the gradient-accumulation steps, with filtered completions removed "
+                  "from numerator and denominator. 'dapo' (TRL's token mean over the optimizer window), 'grpo' "
+                  "and 'dr_grpo' also work; there a filtered completion leaves the numerator only."},
+    )
+    delta: float | None = field(
+        default=10.0,
+        metadata={"help": "Dual-clip constant c. It caps the importance ratio in the loss of negative-advantage "
+                  "tokens, leaves tokens with ratio > c out of the Future-KL, and drives the sequence filter. "
+                  "Must be > 1 + epsilon_high. Paper: 10 (32B and 7B)."},
+    )
+    epsilon: float = field(
+        default=0.2,
+        metadata={"help": "Lower PPO clip epsilon: the ratio is clipped at 1 - epsilon. Paper: 0.2."},
+    )
+    epsilon_high: float | None = field(
+        default=0.28,
+        metadata={"help": "Upper PPO clip epsilon (DAPO clip-higher): the ratio is clipped at 1 + epsilon_high. "
+                  "Paper: 0.28."},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "KL coefficient against a reference model. Paper: 0 (no KL loss, no reference model)."},
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={"help": "TRL's correction of the vLLM sampler/trainer mismatch. Off by default: the official "
+                  "FIPO recipe has no rollout importance-sampling correction (pi_old is recomputed by the "
+                  "training model). Set True to use TRL's correction with vLLM generation."},
+    )
+
+    def __post_init__(self):
+        if (
+            self.steps_per_generation is None
+            and self.generation_batch_size is None
+            and isinstance(self.fipo_updates_per_generation, int)
+            and self.fipo_updates_per_generation >= 1
+        ):
+            self.steps_per_generation = self.fipo_updates_per_generation * self.gradient_accumulation_steps
+        super().__post_init__()
+        if not isinstance(self.fipo_updates_per_generation, int) or self.fipo_updates_per_generation < 1:
+            raise ValueError(f"`fipo_updates_per_generation` = {self.fipo_updates_per_generation!r} is invalid: it "
+                             "must be an integer >= 1. Use the official 8.")
+        check_hyperparameters(
+            decay_rate=self.fipo_decay_rate, clip_ratio=self.fipo_clip_ratio, clip_high_only=self.fipo_clip_high_only,
+            safety_threshold=self.fipo_safety_threshold, dual_clip=self.delta, epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            names=CONFIG_FIELD_NAMES,
+        )
+        check_trl_compatibility(self)
+
+    @property
+    def fipo_is_degenerate(self) -> bool:
+        """True when every generation batch is used for exactly one optimizer update, so that TRL does not keep
+        old log-probs, log pi_theta == log pi_old at every update and FIPO is DAPO. The condition is TRL's own
+        test for computing ``old_per_token_logps`` (GRPOTrainer._generate_and_score_completions)."""
+        return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) == 0
+
+
+def check_trl_compatibility(args) -> None:
+    """Settings under which FIPO has no meaning; checked by FIPOConfig and again by FIPOTrainer."""
+    if args.loss_type not in SUPPORTED_LOSS_TYPES:
+        raise ValueError(f"`loss_type` = {args.loss_type!r} is not supported by FIPO: the weight scales the "
+                         f"advantage inside the PPO-clip surrogate. Use one of {list(SUPPORTED_LOSS_TYPES)} "
+                         "('bnpo' reproduces the official per-micro-batch token mean).")
+    if args.importance_sampling_level != "token":
+        raise ValueError(f"`importance_sampling_level` = {args.importance_sampling_level!r} is not supported by "
+                         "FIPO: the Future-KL, its ratio filter and the safety rule are per token. "
+                         "Set importance_sampling_level='token'.")

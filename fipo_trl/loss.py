@@ -1,0 +1,215 @@
+"""Functional FIPO on plain tensors: the official loss, its influence weights and its metrics.
+
+No trainer state lives here. ``fipo_loss`` validates its inputs and dispatches to a compute path in
+``fipo_trl.kernels``; the trainer calls the same function, so what it trains with is what is tested here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fipo_trl.kernels.fipo_torch import MASKED_MEAN_EPS, fipo_loss_torch
+
+SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+
+
+@dataclass
+class FIPOLossOutput:
+    """What ``fipo_loss`` returns.
+
+    loss: scalar, the official token mean over the kept tokens; differentiable w.r.t. ``logps`` only.
+    weights: (B, T) detached influence weights f (after the clip and the safety rule).
+    future_kl: (B, T) detached discounted Future-KL F.
+    keep: (B,) bool, False for responses dropped by the sequence filter (> 1 dual-clipped token).
+    metrics: the official metric names (SPEC §1.2) plus ``future_kl_mean``, ``active``, ``filtered_ratio``,
+        ``safety_ratio`` and ``dropped_seq_ratio``; 0-dim detached tensors, NaN for an extremum of an empty set.
+    stats: the sums, counts and extrema the metrics are formed from (what the trainer reduces across ranks).
+    """
+
+    loss: torch.Tensor
+    weights: torch.Tensor
+    future_kl: torch.Tensor
+    keep: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+
+
+def decay_to_gamma(decay_rate: float) -> float:
+    """gamma = 2^(-1/tau): the Future-KL of a token halves every tau tokens (official tau = 32)."""
+    return 2.0 ** (-1.0 / decay_rate)
+
+
+def check_hyperparameters(
+    *,
+    decay_rate: float,
+    clip_ratio: float,
+    clip_high_only: bool,
+    safety_threshold: float,
+    dual_clip: float | None,
+    epsilon_low: float,
+    epsilon_high: float,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Raise ValueError naming the offending field and the fix. ``names`` maps argument names to the names the
+    caller exposes (FIPOConfig passes its field names)."""
+    names = names or {}
+
+    def name(arg: str) -> str:
+        return names.get(arg, arg)
+
+    def fail(arg: str, value, requirement: str, fix: str):
+        raise ValueError(f"`{name(arg)}` = {value!r} is invalid: {requirement}. {fix}")
+
+    if not (isinstance(decay_rate, (int, float)) and math.isfinite(decay_rate) and decay_rate > 0):
+        fail("decay_rate", decay_rate, "it must be a finite number > 0 (the Future-KL half-life in tokens)",
+             "Use the official 32.0.")
+    if not (isinstance(clip_ratio, (int, float)) and math.isfinite(clip_ratio) and clip_ratio >= 0):
+        fail("clip_ratio", clip_ratio, "it must be >= 0", "Use 0.2 (official), or 0 for the uncapped min(exp F, 10).")
+    if not clip_high_only and clip_ratio >= 1:
+        fail("clip_ratio", clip_ratio, f"with `{name('clip_high_only')}`=False the lower bound 1 - clip_ratio must "
+             "stay > 0", "Use 0.2 (the 7B recipe's [0.8, 1.2]).")
+    if not (isinstance(safety_threshold, (int, float)) and safety_threshold > 0):
+        fail("safety_threshold", safety_threshold, "it must be > 0 (an importance-ratio threshold)",
+             "Use 10.0 (32B recipe) or 3.0 (7B recipe).")
+    if not (isinstance(epsilon_low, (int, float)) and 0 <= epsilon_low < 1):
+        fail("epsilon_low", epsilon_low, "it must be in [0, 1)", "Use 0.2 (official).")
+    if not (isinstance(epsilon_high, (int, float)) and epsilon_high >= 0):
+        fail("epsilon_high", epsilon_high, "it must be >= 0", "Use 0.28 (official).")
+    if dual_clip is None or not (math.isfinite(dual_clip) and dual_clip > 1 + epsilon_high):
+        fail("dual_clip", dual_clip, f"the dual-clip constant must be finite and > 1 + {name('epsilon_high')} "
+             f"({1 + epsilon_high:g}); it also sets the Future-KL ratio filter and the sequence filter",
+             "Use the official 10.0.")
+
+
+def _check_tensors(logps, old_logps, advantages, mask) -> None:
+    for arg, value in (("logps", logps), ("old_logps", old_logps), ("advantages", advantages), ("mask", mask)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"fipo_loss: `{arg}` must be a torch.Tensor, got {type(value).__name__}.")
+    if logps.dim() != 2:
+        raise ValueError(f"fipo_loss: `logps` must be (B, T), got shape {tuple(logps.shape)}.")
+    if not logps.is_floating_point():
+        raise TypeError(f"fipo_loss: `logps` must be a floating tensor, got {logps.dtype}.")
+    B, T = logps.shape
+    for arg, value in (("old_logps", old_logps), ("mask", mask)):
+        if value.shape != logps.shape:
+            raise ValueError(f"fipo_loss: `{arg}` must have the shape of `logps` {(B, T)}, got {tuple(value.shape)}.")
+    if advantages.shape not in ((B,), (B, T)):
+        raise ValueError(f"fipo_loss: `advantages` must be (B,) = {(B,)} or (B, T) = {(B, T)}, "
+                         f"got {tuple(advantages.shape)}.")
+    if old_logps.dtype != logps.dtype:
+        raise TypeError(f"fipo_loss: `old_logps` dtype {old_logps.dtype} differs from `logps` dtype {logps.dtype}; "
+                        "cast one of them (e.g. `old_logps.to(logps.dtype)`).")
+    if not advantages.is_floating_point():
+        raise TypeError(f"fipo_loss: `advantages` must be a floating tensor, got {advantages.dtype}.")
+    for arg, value in (("old_logps", old_logps), ("advantages", advantages), ("mask", mask)):
+        if value.device != logps.device:
+            raise ValueError(f"fipo_loss: `{arg}` is on {value.device} but `logps` is on {logps.device}; "
+                             "move all inputs to one device.")
+
+
+def _check_finite(logps, old_logps, advantages, mask) -> None:
+    """Non-finite values at masked positions are ignored. At unmasked positions, +-inf log-probs are handled by the
+    official +-20 clamp of the log-ratio; a NaN log-ratio or a non-finite advantage would make the loss NaN, so it
+    is an error instead."""
+    with torch.no_grad():
+        bad_ratio = mask & torch.isnan(logps - old_logps)
+        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(mask)
+        bad_adv = mask & ~torch.isfinite(adv)
+        n_ratio, n_adv = int(bad_ratio.sum()), int(bad_adv.sum())
+    if n_ratio:
+        raise ValueError(f"fipo_loss: {n_ratio} unmasked token(s) have a NaN log-ratio (`logps` or `old_logps` is "
+                         "NaN there, or both are the same infinity). Mask those tokens out or fix the log-probs.")
+    if n_adv:
+        raise ValueError(f"fipo_loss: {n_adv} unmasked token(s) have a non-finite advantage. "
+                         "Replace NaN/inf advantages (e.g. with 0) or mask those tokens out.")
+
+
+def metrics_from_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official metrics (masked means over response tokens, as verl's ``masked_mean``) from summed stats."""
+    n = stats["n_tokens"] + MASKED_MEAN_EPS
+    nan = torch.full_like(stats["n_tokens"], float("nan"))
+
+    def low(key):  # minimum of an empty set is reported as NaN
+        return torch.where(stats[key] == math.inf, nan, stats[key])
+
+    def high(key):
+        return torch.where(stats[key] == -math.inf, nan, stats[key])
+
+    return {
+        "ppo_kl": stats["sum_neg_log_ratio"] / n,
+        "pg_clipfrac": stats["n_pg_clipped"] / n,
+        "pg_clipfrac_lower": stats["n_dual_clipped"] / n,
+        "influence_weights_mean": stats["sum_weight"] / n,
+        "influence_weights_min": low("min_weight"),
+        "influence_weights_max": high("max_weight"),
+        "influence_weights_mean_raw": stats["sum_raw_weight"] / n,
+        "raw_influence_weights_min": low("min_raw_weight"),
+        "raw_influence_weights_max": high("max_raw_weight"),
+        "IW_upper_clip_ratio": stats["n_upper_clipped"] / n,
+        "IW_lower_clip_ratio": stats["n_lower_clipped"] / n,
+        "IW_overall_clip_ratio": (stats["n_upper_clipped"] + stats["n_lower_clipped"]) / n,
+        "neg_ratio_2_3": stats["n_neg_ratio_2_3"] / n,
+        "neg_ratio_3_4": stats["n_neg_ratio_3_4"] / n,
+        "neg_ratio_4_10": stats["n_neg_ratio_4_c"] / n,
+        "neg_is_max": high("max_neg_ratio"),
+        "pos_is_max": high("max_pos_ratio"),
+        "pos_is_min": low("min_pos_ratio"),
+        "pos_mini_frac": stats["n_pos_mini"] / n,
+        "future_kl_mean": stats["sum_future_kl"] / n,
+        "active": stats["n_active"] / n,
+        "filtered_ratio": stats["n_filtered"] / n,
+        "safety_ratio": stats["n_safety"] / n,
+        "dropped_seq_ratio": stats["n_dropped_rows"] / stats["n_rows"].clamp(min=1),
+    }
+
+
+def fipo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    decay_rate: float = 32.0,
+    clip_ratio: float = 0.2,
+    clip_high_only: bool = True,
+    safety_threshold: float = 10.0,
+    dual_clip: float = 10.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+) -> FIPOLossOutput:
+    """The official FIPO loss (SPEC §1.1) of one micro-batch.
+
+    Args:
+        logps: (B, T) log pi_theta of the sampled tokens; the only input that receives gradient.
+        old_logps: (B, T) log pi_old (the policy that generated the batch), same dtype as ``logps``.
+        advantages: (B,) per response or (B, T) per token.
+        mask: (B, T) response mask (bool or 0/1). Masked positions may hold anything, NaN included.
+        decay_rate: tau; gamma = 2^(-1/tau). clip_ratio, clip_high_only: f in [1, 1 + clip_ratio] when
+            high-only, else [1 - clip_ratio, 1 + clip_ratio]; clip_ratio = 0 means min(exp F, 10).
+        safety_threshold: for A < 0 and ratio > safety_threshold, f is clamped into [0.8, 1].
+        dual_clip: c; the dual-clip constant, the Future-KL ratio filter (ratio > c is left out of F) and the
+            sequence filter (a response with > 1 token with A < 0 and ratio > c is dropped).
+        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high].
+
+    Float64 inputs are computed in float64, anything else in float32. The log-ratio is clamped to [-20, 20]
+    (official), so +-inf log-probs at response tokens give finite values with zero gradient there; a NaN
+    log-ratio or a non-finite advantage at a response token raises ValueError rather than return a NaN loss.
+    """
+    check_hyperparameters(decay_rate=decay_rate, clip_ratio=clip_ratio, clip_high_only=clip_high_only,
+                          safety_threshold=safety_threshold, dual_clip=dual_clip, epsilon_low=epsilon_low,
+                          epsilon_high=epsilon_high)
+    _check_tensors(logps, old_logps, advantages, mask)
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    _check_finite(logps, old_logps, advantages, mask)
+    result = fipo_loss_torch(
+        logps, old_logps, advantages, mask, gamma=decay_to_gamma(decay_rate), clip_ratio=clip_ratio,
+        clip_high_only=clip_high_only, safety_threshold=safety_threshold, dual_clip=dual_clip,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+    )
+    return FIPOLossOutput(
+        loss=result.loss, weights=result.weights, future_kl=result.future_kl, keep=result.keep,
+        metrics=metrics_from_stats(result.stats), stats=result.stats,
+    )
