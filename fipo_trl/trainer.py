@@ -1,0 +1,164 @@
+"""FIPOTrainer: TRL's GRPOTrainer with FIPO's Future-KL weights on the per-token advantages.
+
+The hook is two methods wide. ``_compute_loss`` hands TRL a private copy of the micro-batch; the first forward pass
+TRL runs inside it (``_get_per_token_logps_and_entropies``) yields log pi_theta, from which ``fipo_loss`` computes
+the detached weights f, and the copy's advantages become the (B, T) tensor A * f before TRL reads them. Everything
+else (loss types, PPO and dual clipping via ``delta``, vLLM IS correction, KL, entropy terms, metrics) is TRL's own.
+If TRL ever reads the advantages before that forward pass, or skips it, training stops with an error instead of
+silently running GRPO.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+
+import torch
+from transformers.utils import logging
+from trl import GRPOConfig, GRPOTrainer
+
+from fipo_trl.config import FIPOConfig, check_trl_compatibility
+from fipo_trl.loss import fipo_loss, metrics_from_stats
+
+logger = logging.get_logger(__name__)
+
+_HOOK_BROKEN = (
+    "FIPOTrainer's loss hook {what}. FIPOTrainer relies on GRPOTrainer._compute_loss running the policy forward "
+    "pass (_get_per_token_logps_and_entropies) before it reads inputs['advantages']; this TRL version does not, "
+    "so FIPO weights cannot be applied. Install the TRL version fipo_trl supports (trl>=1.16,<1.17)."
+)
+
+
+class _MicroBatch(dict):
+    """FIPOTrainer's private copy of one micro-batch. TRL buffers and reuses its own dict across iterations, so it
+    is never modified; this copy also refuses to hand out the advantages before the FIPO weights are in them."""
+
+    weighted = False
+
+    def _guard(self, key):
+        if key == "advantages" and not self.weighted:
+            raise RuntimeError(_HOOK_BROKEN.format(what="saw the advantages read before the forward pass"))
+
+    def __getitem__(self, key):
+        self._guard(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._guard(key)
+        return super().get(key, default)
+
+
+class FIPOTrainer(GRPOTrainer):
+    """Trainer for FIPO (arXiv 2603.19835). Use exactly like [`~trl.GRPOTrainer`], with a [`FIPOConfig`].
+
+    Loss normalisation: with ``loss_type="bnpo"`` (FIPOConfig's default) each micro-batch contributes the token mean
+    of its kept tokens divided by the gradient-accumulation steps, the official verl rule. The sequence filter removes
+    a dropped completion from the numerator (its advantages become 0) and, for ``bnpo``, from the denominator too:
+    the kept completions' advantages are scaled by (response tokens) / (kept tokens) of the micro-batch, which is
+    exact because the PPO-clip loss is positively homogeneous in the advantage. For ``dapo``, ``grpo`` and
+    ``dr_grpo`` a dropped completion leaves the numerator only.
+    """
+
+    _tag_names = ["trl", "grpo", "fipo"]
+    _name = "FIPO"
+    _paper = {
+        "title": "FIPO: Eliciting Deep Reasoning with Future-KL Influenced Policy Optimization",
+        "id": "2603.19835",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{fipo2026,
+                title        = {{FIPO: Eliciting Deep Reasoning with Future-KL Influenced Policy Optimization}},
+                author       = {{Qwen Pilot Team}},
+                year         = 2026,
+                eprint       = {arXiv:2603.19835},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: FIPOConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = FIPOConfig(f"{name.split('/')[-1]}-FIPO")
+        elif not isinstance(args, FIPOConfig):
+            kind = "GRPOConfig" if isinstance(args, GRPOConfig) else type(args).__name__
+            raise TypeError(f"FIPOTrainer needs `args` to be a FIPOConfig, got a {kind}. Replace GRPOConfig(...) with "
+                            "fipo_trl.FIPOConfig(...): it takes the same arguments plus the FIPO fields.")
+        check_trl_compatibility(args)
+        if args.fipo_is_degenerate:
+            message = (
+                f"FIPO is degenerate with this config and will train exactly like DAPO: steps_per_generation "
+                f"({args.steps_per_generation}) x num_iterations ({args.num_iterations}) divides "
+                f"gradient_accumulation_steps ({args.gradient_accumulation_steps}), so each generation batch gets "
+                "one optimizer update, log pi_theta == log pi_old at every update and every FIPO weight is 1. Fix: "
+                "leave steps_per_generation and generation_batch_size unset (FIPOConfig then makes "
+                "fipo_updates_per_generation = 8 updates per generation batch, the official recipe), or set "
+                "steps_per_generation = k x gradient_accumulation_steps with k > 1."
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
+        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
+        self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
+
+    def _compute_loss(self, model, inputs):
+        batch = _MicroBatch(inputs)
+        self._fipo_pending = (model, batch)
+        try:
+            loss = super()._compute_loss(model, batch)
+        finally:
+            self._fipo_pending = None
+        if not batch.weighted:
+            raise RuntimeError(_HOOK_BROKEN.format(what="never ran: no policy forward pass happened in _compute_loss"))
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        outputs = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self._fipo_pending is not None and self._fipo_pending[0] is model:
+            batch = self._fipo_pending[1]
+            self._fipo_pending = None  # only the policy forward of this micro-batch
+            self._apply_fipo_weights(batch, outputs[0])
+        return outputs
+
+    @torch.no_grad()
+    def _apply_fipo_weights(self, batch: _MicroBatch, per_token_logps: torch.Tensor) -> None:
+        args = self.args
+        logps = per_token_logps.detach().float()
+        old = dict.get(batch, "old_per_token_logps")
+        # TRL drops old log-probs when pi_old == pi_theta (one update per generation batch): then F = 0, f = 1.
+        old = logps if old is None else old.float()
+        mask = dict.__getitem__(batch, "completion_mask").bool()
+        if "tool_mask" in batch:
+            mask = mask & dict.__getitem__(batch, "tool_mask").bool()
+        advantages = dict.__getitem__(batch, "advantages")
+        out = fipo_loss(
+            logps, old, advantages.float(), mask,
+            decay_rate=args.fipo_decay_rate, clip_ratio=args.fipo_clip_ratio, clip_high_only=args.fipo_clip_high_only,
+            safety_threshold=args.fipo_safety_threshold, dual_clip=args.delta, epsilon_low=args.epsilon,
+            epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        )
+        scale = out.weights
+        if args.fipo_sequence_filter:
+            scale = scale * out.keep[:, None]
+            if args.loss_type == "bnpo":  # drop the filtered completions from the token-mean denominator as well
+                kept_tokens = (mask & out.keep[:, None]).sum()
+                scale = scale * (mask.sum() / kept_tokens.clamp(min=1))
+        per_token = advantages[:, None] if advantages.dim() == 1 else advantages
+        batch["advantages"] = (per_token * scale).to(advantages.dtype)
+        batch.weighted = True
+        self._log_fipo_metrics(out.stats)
+        self.fipo_last_batch = {
+            "completion_ids": dict.__getitem__(batch, "completion_ids").detach(), "mask": mask,
+            "advantages": advantages.detach(), "weights": out.weights, "future_kl": out.future_kl, "keep": out.keep,
+        }
+
+    def _log_fipo_metrics(self, stats: dict[str, torch.Tensor]) -> None:
+        """Reduce the stats over all ranks (one gather, run unconditionally on every rank) and log the metrics."""
+        names = list(stats)
+        gathered = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None]).view(-1, len(names))
+        reduced = {}
+        for i, name in enumerate(names):
+            column = gathered[:, i]
+            reduced[name] = column.min() if name.startswith("min_") else column.max() if name.startswith("max_") \
+                else column.sum()
+        mode = "train" if self.model.training else "eval"
+        for name, value in metrics_from_stats(reduced).items():
+            self._metrics[mode][f"fipo/{name}"].append(value.item())
