@@ -1,0 +1,365 @@
+"""FIPOTrainer as a drop-in for GRPOTrainer, and the FIPO-specific trainer behaviour."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import trl
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer, TrlParser
+
+import fipo_trl.trainer
+from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
+from fipo_trl.testing import digit_reward, tiny_prompt_dataset
+
+PAIRS = [(GRPOTrainer, GRPOConfig), (FIPOTrainer, FIPOConfig)]
+PAIR_IDS = ["grpo", "fipo"]
+
+
+def config_kwargs(tmp_path, **overrides):
+    """One explicit config for both trainers: every field whose default FIPOConfig changes is set here, and two
+    optimizer updates per generation batch so that the log-ratio is non-zero on every second micro-step."""
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        max_steps=4, learning_rate=1e-2, report_to="none", logging_steps=1, save_strategy="no", bf16=False,
+        gradient_checkpointing=False, seed=0, steps_per_generation=2, loss_type="bnpo", delta=10.0, epsilon=0.2,
+        epsilon_high=0.28, beta=0.0, vllm_importance_sampling_correction=False, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def train(trainer_cls, config_cls, model, tmp_path, dataset=None, reward_funcs=digit_reward, **overrides):
+    trainer_kwargs = {k: overrides.pop(k) for k in ("peft_config", "eval_dataset", "callbacks") if k in overrides}
+    args = config_cls(**config_kwargs(tmp_path, **overrides))
+    trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=args,
+                          train_dataset=dataset if dataset is not None else tiny_prompt_dataset(16), **trainer_kwargs)
+    trainer.train()
+    return trainer
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def force_unit_weights(monkeypatch):
+    def unit_weights(*args, **kwargs):
+        out = fipo_loss(*args, **kwargs)
+        return dataclasses.replace(out, weights=torch.ones_like(out.weights), keep=torch.ones_like(out.keep))
+
+    monkeypatch.setattr(fipo_trl.trainer, "fipo_loss", unit_weights)
+
+
+# --- parity and activity ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+def test_unit_weights_reproduce_grpo_exactly(loss_type, tiny_model_path, tmp_path, monkeypatch):
+    """With f forced to 1 the hook changes nothing: per-step losses and final parameters equal GRPOTrainer's."""
+    grpo = train(GRPOTrainer, GRPOConfig, tiny_model_path, tmp_path / "g", loss_type=loss_type)
+    force_unit_weights(monkeypatch)
+    fipo = train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path / "f", loss_type=loss_type)
+    assert len(losses(fipo)) == 4
+    assert losses(fipo) == pytest.approx(losses(grpo), abs=1e-7)
+    for (name, p_fipo), (_, p_grpo) in zip(fipo.model.named_parameters(), grpo.model.named_parameters()):
+        torch.testing.assert_close(p_fipo, p_grpo, rtol=0, atol=1e-6, msg=name)
+
+
+class RecordComputeLoss:
+    """Spy on GRPOTrainer._compute_loss: the advantages TRL actually used, and the fipo_loss call behind them."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.fipo_calls = [], []
+        original_compute, original_fipo = GRPOTrainer._compute_loss, fipo_trl.trainer.fipo_loss
+
+        def compute(trainer, model, inputs):
+            loss = original_compute(trainer, model, inputs)
+            self.calls.append({"advantages": dict.__getitem__(inputs, "advantages").clone(),
+                               "step": trainer.state.global_step})
+            return loss
+
+        def recording_fipo(*args, **kwargs):
+            self.fipo_calls.append((args, kwargs))
+            return original_fipo(*args, **kwargs)
+
+        monkeypatch.setattr(GRPOTrainer, "_compute_loss", compute)
+        monkeypatch.setattr(fipo_trl.trainer, "fipo_loss", recording_fipo)
+
+
+def test_fipo_is_active_after_the_first_update_of_each_generation_batch(tiny_model_path, tmp_path, monkeypatch):
+    spy = RecordComputeLoss(monkeypatch)
+    trainer = train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path, steps_per_generation=4, max_steps=8)
+    active = [h["fipo/active"] for h in trainer.state.log_history if "fipo/active" in h]
+    future_kl = [h["fipo/future_kl_mean"] for h in trainer.state.log_history if "fipo/future_kl_mean" in h]
+    assert len(active) == 8
+    for step in range(8):
+        if step % 4 == 0:  # first micro-step of a generation batch: pi_theta == pi_old exactly
+            assert active[step] == 0 and future_kl[step] == 0
+        else:
+            assert active[step] > 0.5 and future_kl[step] != 0
+    # The advantages TRL trained with are A * f, f from fipo_loss on the very tensors of that micro-step.
+    assert len(spy.calls) == len(spy.fipo_calls) == 8
+    for call, (args, kwargs) in zip(spy.calls, spy.fipo_calls):
+        logps, old, advantages, mask = args
+        out = fipo_loss(logps, old, advantages, mask, decay_rate=32.0, clip_ratio=0.2, clip_high_only=True,
+                        safety_threshold=10.0, dual_clip=10.0, epsilon_low=0.2, epsilon_high=0.28)
+        torch.testing.assert_close(call["advantages"], advantages[:, None] * out.weights, rtol=0, atol=0)
+    weights = [fipo_loss(*args, **kwargs).weights for args, kwargs in spy.fipo_calls]
+    assert any((w != 1).any() for w in weights)
+
+
+def test_fipo_trains_differently_from_grpo(tiny_model_path, tmp_path):
+    grpo = train(GRPOTrainer, GRPOConfig, tiny_model_path, tmp_path / "g")
+    fipo = train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path / "f")
+    assert losses(fipo)[0] == pytest.approx(losses(grpo)[0], abs=1e-7)  # on-policy first micro-step: f = 1
+    assert losses(fipo)[1] != pytest.approx(losses(grpo)[1], abs=1e-6)
+
+
+def test_buffered_inputs_are_never_modified(tiny_model_path, tmp_path, monkeypatch):
+    """TRL reuses its buffered micro-batch dicts across num_iterations; FIPO works on a private copy."""
+    seen = []
+    original = GRPOTrainer._prepare_inputs
+
+    def prepare(trainer, generation_batch):
+        inputs = original(trainer, generation_batch)
+        seen.append((inputs, inputs["advantages"].clone()))
+        return inputs
+
+    monkeypatch.setattr(GRPOTrainer, "_prepare_inputs", prepare)
+    train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path, num_iterations=2, max_steps=4)
+    assert seen
+    for inputs, advantages in seen:
+        assert inputs["advantages"].dim() == 1 and torch.equal(inputs["advantages"], advantages)
+
+
+# --- the official normalisation and the sequence filter inside the trainer -------------------------------------
+
+
+def crafted_micro_batch(trainer, tokenizer):
+    """A micro-batch whose old log-probs make response 0 (A < 0) have two tokens with ratio e^3 > delta = 10
+    (dropped by the sequence filter) and response 1 (A < 0) one such token (kept), plus ordinary noise."""
+    torch.manual_seed(0)
+    prompt = tokenizer(["what is two plus three ?"] * 4, return_tensors="pt")
+    completion_ids = torch.randint(7, 60, (4, 6))
+    completion_mask = torch.tensor([[1] * 6, [1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+    batch = {"prompt_ids": prompt["input_ids"], "prompt_mask": prompt["attention_mask"],
+             "completion_ids": completion_ids, "completion_mask": completion_mask,
+             "advantages": torch.tensor([-1.0, -0.5, 0.8, 0.7]), "num_items_in_batch": completion_mask.sum()}
+    with torch.no_grad():
+        logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, torch.cat([batch["prompt_ids"], completion_ids], 1),
+            torch.cat([batch["prompt_mask"], completion_mask], 1), completion_ids.size(1))
+    shift = torch.randn(4, 6) * 0.05
+    shift[0, 1] = shift[0, 3] = 3.0
+    shift[1, 2] = 3.0
+    batch["old_per_token_logps"] = (logps - shift) * completion_mask
+    return batch, logps
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_bnpo_is_the_official_per_micro_batch_loss_with_sequence_filter(grad_accum, tiny_model_path, tmp_path):
+    args = FIPOConfig(**config_kwargs(tmp_path, gradient_accumulation_steps=grad_accum,
+                                      steps_per_generation=2 * grad_accum))
+    trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=args,
+                          train_dataset=tiny_prompt_dataset(16))
+    batch, logps = crafted_micro_batch(trainer, AutoTokenizer.from_pretrained(tiny_model_path))
+    snapshot = {k: v.clone() for k, v in batch.items()}
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = grad_accum
+    loss = trainer._compute_loss(trainer.model, batch)
+
+    official = fipo_loss(logps, batch["old_per_token_logps"], batch["advantages"], batch["completion_mask"])
+    assert official.keep.tolist() == [False, True, True, True]
+    assert loss.item() * grad_accum == pytest.approx(official.loss.item(), abs=1e-6)
+    assert trainer._metrics["train"]["fipo/dropped_seq_ratio"][-1] == pytest.approx(0.25)
+    assert all(torch.equal(batch[k], snapshot[k]) for k in batch)  # the caller's dict is untouched
+
+
+def test_dapo_keeps_filtered_completions_in_the_denominator(tiny_model_path, tmp_path):
+    """Documented deviation for loss types other than bnpo: a filtered completion leaves the numerator only."""
+    args = FIPOConfig(**config_kwargs(tmp_path, loss_type="dapo"))
+    trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=args,
+                          train_dataset=tiny_prompt_dataset(16))
+    batch, logps = crafted_micro_batch(trainer, AutoTokenizer.from_pretrained(tiny_model_path))
+    trainer.model.eval()  # eval: dapo normalises by this micro-batch's own token count
+    with torch.no_grad():
+        loss = trainer._compute_loss(trainer.model, batch)
+    official = fipo_loss(logps, batch["old_per_token_logps"], batch["advantages"], batch["completion_mask"])
+    n_tokens, n_kept = batch["completion_mask"].sum().item(), batch["completion_mask"][1:].sum().item()
+    assert loss.item() == pytest.approx(official.loss.item() * n_kept / n_tokens, abs=1e-6)
+
+
+# --- drop-in: one test body for both trainers ------------------------------------------------------------------
+
+
+async def async_digit_reward(completions, **kwargs):
+    return digit_reward(completions, **kwargs)
+
+
+def length_reward(completions, **kwargs):
+    return [-0.1 * len(c.split()) for c in completions]
+
+
+class CountingCallback(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+SCENARIOS = {
+    "standard": {},
+    "conversational": {"dataset": "conversational"},
+    "loss_dapo": {"loss_type": "dapo"},
+    "loss_grpo": {"loss_type": "grpo"},
+    "loss_dr_grpo": {"loss_type": "dr_grpo"},
+    "grad_accum": {"gradient_accumulation_steps": 2, "steps_per_generation": 4, "max_steps": 2},
+    "num_iterations": {"num_iterations": 2, "steps_per_generation": 1},
+    "eval": {"eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 4, "eval_dataset": "eval"},
+    "async_reward": {"reward_funcs": [async_digit_reward]},
+    "weighted_rewards": {"reward_funcs": [digit_reward, length_reward], "reward_weights": [1.0, 0.5]},
+    "beta": {"beta": 0.04},
+    "lora": {"peft_config": "lora", "learning_rate": 5e-2},
+    "callbacks": {"callbacks": "counting"},
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("trainer_cls, config_cls", PAIRS, ids=PAIR_IDS)
+def test_drop_in_training(trainer_cls, config_cls, scenario, tiny_model_path, tmp_path):
+    options = dict(SCENARIOS[scenario])
+    dataset = tiny_prompt_dataset(16, conversational=options.pop("dataset", None) == "conversational")
+    if options.get("eval_dataset") == "eval":
+        options["eval_dataset"] = tiny_prompt_dataset(8, seed=1)
+    if options.get("peft_config") == "lora":
+        options["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM")
+    callback = CountingCallback()
+    if options.get("callbacks") == "counting":
+        options["callbacks"] = [callback]
+    reward_funcs = options.pop("reward_funcs", digit_reward)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    trainer = train(trainer_cls, config_cls, model, tmp_path, dataset=dataset, reward_funcs=reward_funcs, **options)
+
+    history = trainer.state.log_history
+    assert history[-1]["train_loss"] is not None
+    trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    if scenario == "lora":
+        assert trained and all("lora_" in n for n in trained)
+    for name, param in trained.items():
+        if name.replace("base_model.model.", "") in before:
+            assert not torch.equal(param, before[name.replace("base_model.model.", "")]), f"{name} did not change"
+    if scenario == "eval":
+        assert any("eval_loss" in h for h in history)
+    if scenario == "callbacks":
+        assert callback.steps == trainer.state.global_step
+    if trainer_cls is FIPOTrainer:
+        active = [h["fipo/active"] for h in history if "fipo/active" in h]
+        assert active and max(active) > 0  # FIPO weights were live on the off-policy micro-steps
+        if scenario == "eval":
+            assert any("eval_fipo/influence_weights_mean" in h for h in history)
+
+
+# --- config, warnings, errors, model card ----------------------------------------------------------------------
+
+
+def test_default_config_is_not_degenerate(tmp_path):
+    args = FIPOConfig(output_dir=str(tmp_path), bf16=False, gradient_accumulation_steps=2)
+    assert args.steps_per_generation == 16 and not args.fipo_is_degenerate
+    assert (args.fipo_decay_rate, args.fipo_clip_ratio, args.fipo_clip_high_only, args.fipo_safety_threshold) == (
+        32.0, 0.2, True, 10.0)
+    assert (args.delta, args.epsilon, args.epsilon_high, args.beta, args.loss_type) == (10.0, 0.2, 0.28, 0.0, "bnpo")
+    explicit = FIPOConfig(output_dir=str(tmp_path), bf16=False, steps_per_generation=3)
+    assert explicit.steps_per_generation == 3  # the user's choice wins
+
+
+def test_degenerate_config_warns_loudly(tiny_model_path, tmp_path):
+    args = FIPOConfig(**config_kwargs(tmp_path, steps_per_generation=1))
+    assert args.fipo_is_degenerate
+    with pytest.warns(UserWarning, match=r"degenerate.*DAPO.*steps_per_generation"):
+        FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=args, train_dataset=tiny_prompt_dataset(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        args = FIPOConfig(**config_kwargs(tmp_path))
+        assert not args.fipo_is_degenerate
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"fipo_decay_rate": 0.0}, "fipo_decay_rate"),
+        ({"fipo_decay_rate": float("nan")}, "fipo_decay_rate"),
+        ({"fipo_clip_ratio": -0.5}, "fipo_clip_ratio"),
+        ({"fipo_clip_ratio": 1.0, "fipo_clip_high_only": False}, "fipo_clip_ratio"),
+        ({"fipo_safety_threshold": 0.0}, "fipo_safety_threshold"),
+        ({"delta": 1.25}, "delta"),
+        ({"delta": None}, "delta"),
+        ({"fipo_updates_per_generation": 0}, "fipo_updates_per_generation"),
+        ({"loss_type": "sapo"}, "loss_type"),
+        ({"loss_type": "cispo"}, "loss_type"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+    ],
+)
+def test_bad_config_names_the_field_and_the_fix(overrides, field, tmp_path):
+    kwargs = config_kwargs(tmp_path, **overrides)
+    if "fipo_updates_per_generation" in overrides:
+        kwargs.pop("steps_per_generation")
+    with pytest.raises(ValueError, match=rf"`{field}` = .*(Use|Set)"):
+        FIPOConfig(**kwargs)
+
+
+def test_trainer_rejects_a_grpo_config(tiny_model_path, tmp_path):
+    with pytest.raises(TypeError, match="FIPOConfig"):
+        FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=GRPOConfig(**config_kwargs(tmp_path)),
+                    train_dataset=tiny_prompt_dataset(8))
+
+
+def test_config_round_trips_through_trl_parser(tmp_path):
+    parser = TrlParser((FIPOConfig,))
+    (args,) = parser.parse_args_and_config(["--output_dir", str(tmp_path), "--bf16", "False", "--fipo_decay_rate",
+                                            "8", "--fipo_clip_high_only", "False", "--fipo_safety_threshold", "3"])
+    assert isinstance(args, FIPOConfig)
+    assert (args.fipo_decay_rate, args.fipo_clip_high_only, args.fipo_safety_threshold) == (8.0, False, 3.0)
+    help_text = parser.format_help()
+    assert "--fipo_decay_rate" in help_text and "Paper: 32" in help_text
+
+
+def test_hook_fails_loudly_if_trl_reads_advantages_first(tiny_model_path, tmp_path, monkeypatch):
+    args = FIPOConfig(**config_kwargs(tmp_path))
+    trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=args,
+                          train_dataset=tiny_prompt_dataset(8))
+    batch, _ = crafted_micro_batch(trainer, AutoTokenizer.from_pretrained(tiny_model_path))
+    trainer.current_gradient_accumulation_steps = 1
+
+    def reads_advantages_first(self, model, inputs):
+        return inputs["advantages"].sum()
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", reads_advantages_first)
+    with pytest.raises(RuntimeError, match="advantages read before the forward pass"):
+        trainer._compute_loss(trainer.model, batch)
+
+    def never_runs_the_forward(self, model, inputs):
+        return torch.zeros(())
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", never_runs_the_forward)
+    with pytest.raises(RuntimeError, match="never ran"):
+        trainer._compute_loss(trainer.model, batch)
+
+
+def test_model_card_written_on_save_cites_fipo(tiny_model_path, tmp_path):
+    trainer = train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path, max_steps=2, save_strategy="steps",
+                    save_steps=2)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "FIPO" in card and "2603.19835" in card and "Future-KL Influenced Policy Optimization" in card
+    assert "- fipo" in card and "@article{fipo2026" in card
+    assert (tmp_path / "out" / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_trl_version_is_the_supported_one():
+    major, minor = (int(x) for x in trl.__version__.split(".")[:2])
+    assert (major, minor) == (1, 16)
