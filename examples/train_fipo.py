@@ -38,6 +38,11 @@ class FIPOScriptArguments(ScriptArguments):
         default_factory=lambda: ["fipo_trl.testing.digit_reward"],
         metadata={"help": "Reward functions as dotted import paths (module.function)."},
     )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "With a LoRA adapter (--use_peft): also save the base model with the adapter merged in, "
+                  "to <output_dir>/merged, loadable without peft."},
+    )
 
 
 def load_reward(path: str):
@@ -76,6 +81,11 @@ def main(argv: list[str]):
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(dataset_name=script_args.dataset_name)
     trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}")
+    if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
+        merged_dir = f"{training_args.output_dir}/merged"
+        trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
+        trainer.processing_class.save_pretrained(merged_dir)
+        trainer.accelerator.print(f"Merged model saved to {merged_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

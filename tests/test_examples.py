@@ -31,3 +31,12 @@ def test_help_lists_the_fipo_fields(tmp_path):
     for flag in ("--fipo_decay_rate", "--fipo_clip_ratio", "--fipo_clip_high_only", "--fipo_safety_threshold",
                  "--fipo_updates_per_generation", "--delta"):
         assert flag in result.stdout
+
+
+def test_lora_run_saves_the_adapter_and_a_merged_model(tmp_path):
+    result = run_script("--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--use_peft",
+                        "--lora_target_modules", "q_proj", "v_proj", "--merge_adapter", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "run" / "merged" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "merged" / "tokenizer.json").exists()
