@@ -122,6 +122,14 @@ class FIPOConfig(GRPOConfig):
         )
         check_trl_compatibility(self)
 
+    def __getstate__(self):
+        # The Hub token is a secret, but transformers pickles the training arguments into training_args.bin in
+        # every checkpoint and uploads it with the model. Keep it out of every pickle: a resumed run reads the
+        # token again (argument or HF_TOKEN).
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
     @property
     def fipo_is_degenerate(self) -> bool:
         """True when every generation batch is used for exactly one optimizer update, so that TRL does not keep

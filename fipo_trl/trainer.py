@@ -10,6 +10,7 @@ silently running GRPO.
 
 from __future__ import annotations
 
+import os
 import textwrap
 import warnings
 
@@ -19,6 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
 from fipo_trl.loss import fipo_loss, metrics_from_stats
+from fipo_trl.model_card import render_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -98,6 +100,66 @@ class FIPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, eval_results: dict[str, dict[str, float]] | None = None):
+        """Write the FIPO model card (``model_cards/fipo_model_card.md``) to ``output_dir/README.md``: base model,
+        dataset, FIPO hyperparameters, training curves, evaluation results (``{dataset: {metric: value}}``, also as
+        model-index), library versions, citations and how to load the model or adapter. Called on every checkpoint
+        save and by ``push_to_hub``."""
+        if not self.is_world_process_zero():
+            return
+        card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags,
+                                 eval_results=eval_results)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    # Hub pushes: a Hub outage must neither stop training nor lose anything. transformers pushes checkpoints in
+    # background futures whose errors nobody reads; here every failure is reported, and the run goes on with its
+    # checkpoints safe in output_dir. Any exception is caught on purpose: the push path must never kill a run.
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token=token, private=private)
+            self._hub_repo_ready = True
+        except Exception as error:  # noqa: BLE001
+            self._hub_repo_ready = False
+            self.hub_model_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+            self.push_in_progress = None
+            self._warn_hub_failure("create the Hub repository", error)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if not getattr(self, "_hub_repo_ready", True):
+            self.init_hf_repo()  # the Hub may be back
+            if not self._hub_repo_ready:
+                return
+        try:
+            super()._push_from_checkpoint(checkpoint_folder)
+        except Exception as error:  # noqa: BLE001
+            self._warn_hub_failure(f"push {checkpoint_folder}", error)
+            return
+        for job in self.push_in_progress.jobs if self.push_in_progress is not None else ():
+            if not getattr(job, "_fipo_watched", False):
+                job._fipo_watched = True
+                job.add_done_callback(self._report_failed_push)
+
+    def push_to_hub(self, *args, **kwargs):
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            self._warn_hub_failure("push the model", error)
+            return None
+
+    def _report_failed_push(self, job) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            self._warn_hub_failure("push a checkpoint", job.exception())
+
+    def _warn_hub_failure(self, action: str, error: BaseException) -> None:
+        message = (f"FIPOTrainer could not {action} to {self.hub_model_id!r}: {type(error).__name__}: {error}. "
+                   f"Training continues and nothing is lost: the model and checkpoints are in "
+                   f"{os.path.abspath(self.args.output_dir)}. Push them later with trainer.push_to_hub() or "
+                   "`hf upload`.")
+        warnings.warn(message, UserWarning, stacklevel=2)
+        logger.warning(message)
 
     def _compute_loss(self, model, inputs):
         batch = _MicroBatch(inputs)

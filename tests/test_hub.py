@@ -1,0 +1,83 @@
+"""Pushing to the Hub through the real huggingface_hub client, against a Hub stand-in on loopback."""
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hub_stand_in import HubStandIn
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "push_run.py"
+
+
+def push_run(model_path, output_dir, endpoint, token, *flags):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="2",
+               HF_HUB_DOWNLOAD_TIMEOUT="2")
+    env.pop("TRANSFORMERS_OFFLINE", None)  # transformers turns it into HF_HUB_OFFLINE, which blocks every push
+    return subprocess.run([sys.executable, str(SCRIPT), str(model_path), str(output_dir), *flags], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_token_never_leaks(token, repo, run, output_dir):
+    for name, content in repo.files.items():
+        assert token.encode() not in content, f"token found in uploaded {name}"
+    assert token not in run.stdout and token not in run.stderr
+    for path in Path(output_dir).rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), f"token found in local {path}"
+
+
+@pytest.mark.parametrize("token_in_args", [False, True], ids=["token_from_env", "token_in_config"])
+def test_full_model_push_with_fipo_card(token_in_args, tiny_model_path, tmp_path):
+    token = f"hf_{secrets.token_hex(16)}"
+    with HubStandIn(token) as hub:
+        flags = ["--hub_model_id", "tiny-fipo", "--private"] + (["--hub_token", token] if token_in_args else [])
+        run = push_run(tiny_model_path, tmp_path / "out", hub.url, token, *flags)
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert "PUSH SCRIPT DONE" in run.stdout
+        repo = hub.repos["fipo-user/tiny-fipo"]
+        assert repo.private  # hub_private_repo reached create_repo
+        assert len(repo.commits) >= 2  # checkpoint pushes during training (every_save) plus the final push
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"):
+            assert name in repo.files, sorted(repo.files)
+        card = repo.files["README.md"].decode()
+        assert "FIPO hyperparameters" in card and "| Future-KL decay rate" in card and "2603.19835" in card
+        assert "fipo-user/tiny-arithmetic" in card and "- fipo" in card
+        assert all(r["headers"].get("authorization") == f"Bearer {token}" for r in hub.requests)
+        assert_token_never_leaks(token, repo, run, tmp_path / "out")
+
+
+def test_lora_adapter_push(tiny_model_path, tmp_path):
+    token = f"hf_{secrets.token_hex(16)}"
+    with HubStandIn(token) as hub:
+        run = push_run(tiny_model_path, tmp_path / "out", hub.url, token, "--hub_model_id", "fipo-user/tiny-lora",
+                       "--lora")
+        assert run.returncode == 0, run.stderr[-4000:]
+        repo = hub.repos["fipo-user/tiny-lora"]
+        assert not repo.private
+        assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(repo.files)
+        assert "model.safetensors" not in repo.files
+        card = repo.files["README.md"].decode()
+        assert "AutoPeftModelForCausalLM" in card and "library_name: peft" in card
+        assert_token_never_leaks(token, repo, run, tmp_path / "out")
+
+
+def test_hub_down_training_continues_and_nothing_is_lost(tiny_model_path, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    run = push_run(tiny_model_path, tmp_path / "out", dead_endpoint, f"hf_{secrets.token_hex(16)}",
+                   "--hub_model_id", "tiny-fipo")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "PUSH SCRIPT DONE" in run.stdout
+    assert "could not create the Hub repository" in run.stderr and "Training continues and nothing is lost" in run.stderr
+    assert "could not push the model" in run.stderr
+    out = tmp_path / "out"
+    for path in ("checkpoint-2/model.safetensors", "checkpoint-4/model.safetensors", "model.safetensors",
+                 "README.md"):
+        assert (out / path).exists(), path
