@@ -1,0 +1,94 @@
+"""The token-influence view reads the trainer's own weights and shades one span per completion token."""
+
+import html.parser
+
+import torch
+from transformers import TrainerCallback
+
+from fipo_trl import FIPOConfig, FIPOTrainer
+from fipo_trl.influence import TokenInfluenceCallback
+from fipo_trl.testing import digit_reward, tiny_prompt_dataset
+
+
+class Spans(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and attrs.get("class") == "completion":
+            self.rows.append([])
+        if tag == "span" and attrs.get("class") == "tok":
+            self.rows[-1].append((float(attrs["data-weight"]), float(attrs["data-future-kl"]), attrs["style"]))
+
+
+def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):
+    args = FIPOConfig(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=8, max_steps=4, learning_rate=1e-2, fipo_updates_per_generation=2,
+                      report_to="none", save_strategy="no", gradient_checkpointing=False, disable_tqdm=True)
+    trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=args,
+                          train_dataset=tiny_prompt_dataset(16))
+    seen = {}
+
+    class Snapshot(TokenInfluenceCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = {k: v.clone() for k, v in self.trainer.fipo_last_batch.items()}
+            super().on_step_end(args, state, control, **kwargs)
+
+    view = Snapshot(trainer, every_n_steps=2)
+    trainer.add_callback(view)
+    trainer.train()
+
+    assert [p.rsplit("/", 1)[1] for p in view.written] == ["step-2.html", "step-4.html"]
+    page = (tmp_path / "fipo_influence" / "step-4.html").read_text()
+    assert page == (tmp_path / "fipo_influence" / "latest.html").read_text()
+    parser = Spans()
+    parser.feed(page)
+    batch = seen[4]
+    assert len(parser.rows) == batch["completion_ids"].shape[0]
+    for row, spans in enumerate(parser.rows):
+        mask = batch["mask"][row]
+        assert len(spans) == int(mask.sum())  # one span per completion token
+        assert [s[0] for s in spans] == batch["weights"][row][mask].tolist()  # the trainer's weights, exactly
+        assert [s[1] for s in spans] == batch["future_kl"][row][mask].tolist()
+    shaded = [s for spans in parser.rows for s in spans if s[0] > 1]
+    assert shaded and all("rgba(255, 140, 0" in s[2] for s in shaded)
+    assert all(s[2].endswith("0)") for spans in parser.rows for s in spans if s[0] == 1)
+
+
+def test_every_n_steps_is_validated(tiny_model_path):
+    try:
+        TokenInfluenceCallback(trainer=None, every_n_steps=0)
+    except ValueError as error:
+        assert "`every_n_steps`" in str(error)
+    else:
+        raise AssertionError("every_n_steps=0 was accepted")
+
+
+def test_tensorboard_receives_the_page(tiny_model_path, tmp_path):
+    args = FIPOConfig(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=8, max_steps=2, fipo_updates_per_generation=2, report_to="none",
+                      save_strategy="no", gradient_checkpointing=False, disable_tqdm=True)
+    trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=args,
+                          train_dataset=tiny_prompt_dataset(8))
+
+    class Writer:
+        def __init__(self):
+            self.texts = []
+
+        def add_text(self, tag, text, step):
+            self.texts.append((tag, step, text))
+
+    class FakeTensorBoardCallback(TrainerCallback):
+        tb_writer = Writer()
+
+    trainer.callback_handler.callbacks.append(FakeTensorBoardCallback())
+    view = TokenInfluenceCallback(trainer, every_n_steps=1)
+    trainer.add_callback(view)
+    trainer.args.report_to = ["tensorboard"]
+    trainer.train()
+    texts = FakeTensorBoardCallback.tb_writer.texts
+    assert [(tag, step) for tag, step, _ in texts] == [("fipo/token_influence", 1), ("fipo/token_influence", 2)]
+    assert 'class="tok"' in texts[-1][2]
+    assert torch.is_tensor(trainer.fipo_last_batch["weights"])
