@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from fipo_trl.kernels.fipo_torch import MASKED_MEAN_EPS, fipo_loss_torch
+from fipo_trl.kernels.fipo_triton import fipo_loss_triton, triton_usable
 
 SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -27,6 +29,7 @@ class FIPOLossOutput:
     metrics: the official metric names (SPEC §1.2) plus ``future_kl_mean``, ``active``, ``filtered_ratio``,
         ``safety_ratio`` and ``dropped_seq_ratio``; 0-dim detached tensors, NaN for an extremum of an empty set.
     stats: the sums, counts and extrema the metrics are formed from (what the trainer reduces across ranks).
+    backend: the compute path that ran, "torch" (blocked-scan torch path) or "triton" (fused kernels).
     """
 
     loss: torch.Tensor
@@ -35,6 +38,7 @@ class FIPOLossOutput:
     keep: torch.Tensor
     metrics: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]
+    backend: str
 
 
 def decay_to_gamma(decay_rate: float) -> float:
@@ -115,6 +119,10 @@ def _check_finite(logps, old_logps, advantages, mask) -> None:
     official +-20 clamp of the log-ratio; a NaN log-ratio or a non-finite advantage would make the loss NaN, so it
     is an error instead."""
     with torch.no_grad():
+        # Fast path, one reduction per input: finite sums mean every element is finite, nothing to locate.
+        total = logps.sum(dtype=torch.float64) + old_logps.sum(dtype=torch.float64) + advantages.sum(dtype=torch.float64)
+        if torch.isfinite(total):
+            return
         bad_ratio = mask & torch.isnan(logps - old_logps)
         adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(mask)
         bad_adv = mask & ~torch.isfinite(adv)
@@ -125,6 +133,17 @@ def _check_finite(logps, old_logps, advantages, mask) -> None:
     if n_adv:
         raise ValueError(f"fipo_loss: {n_adv} unmasked token(s) have a non-finite advantage. "
                          "Replace NaN/inf advantages (e.g. with 0) or mask those tokens out.")
+
+
+def resolve_backend(backend: str, logps: torch.Tensor) -> str:
+    """"auto": the fused Triton kernels for CUDA tensors when Triton is installed, else the torch path. Float64 is
+    the reference dtype and always runs in torch (the kernels compute in float32)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fipo_loss: `backend` = {backend!r} is invalid: use one of {BACKENDS}.")
+    if backend == "auto":
+        use_triton = logps.is_cuda and logps.dtype != torch.float64 and triton_usable(logps.device)
+        return "triton" if use_triton else "torch"
+    return backend
 
 
 def metrics_from_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -179,6 +198,7 @@ def fipo_loss(
     dual_clip: float = 10.0,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.28,
+    backend: str = "auto",
 ) -> FIPOLossOutput:
     """The official FIPO loss (SPEC §1.1) of one micro-batch.
 
@@ -193,6 +213,9 @@ def fipo_loss(
         dual_clip: c; the dual-clip constant, the Future-KL ratio filter (ratio > c is left out of F) and the
             sequence filter (a response with > 1 token with A < 0 and ratio > c is dropped).
         epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high].
+        backend: "auto" (CUDA tensors: the fused Triton kernels when available; otherwise the torch path), "torch",
+            or "triton" (explicit, for tests and benchmarks; on CPU tensors only under TRITON_INTERPRET=1, else a
+            RuntimeError). ``FIPOLossOutput.backend`` says which path ran.
 
     Float64 inputs are computed in float64, anything else in float32. The log-ratio is clamped to [-20, 20]
     (official), so +-inf log-probs at response tokens give finite values with zero gradient there; a NaN
@@ -203,13 +226,15 @@ def fipo_loss(
                           epsilon_high=epsilon_high)
     _check_tensors(logps, old_logps, advantages, mask)
     mask = mask if mask.dtype == torch.bool else mask != 0
+    chosen = resolve_backend(backend, logps)
     _check_finite(logps, old_logps, advantages, mask)
-    result = fipo_loss_torch(
+    compute = fipo_loss_triton if chosen == "triton" else fipo_loss_torch
+    result = compute(
         logps, old_logps, advantages, mask, gamma=decay_to_gamma(decay_rate), clip_ratio=clip_ratio,
         clip_high_only=clip_high_only, safety_threshold=safety_threshold, dual_clip=dual_clip,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high,
     )
     return FIPOLossOutput(
         loss=result.loss, weights=result.weights, future_kl=result.future_kl, keep=result.keep,
-        metrics=metrics_from_stats(result.stats), stats=result.stats,
+        metrics=metrics_from_stats(result.stats), stats=result.stats, backend=chosen,
     )

@@ -2,16 +2,29 @@
 
 - ``naive.py``: the slow float64 reference of the official loss (documentation and test oracle).
 - ``fipo_torch.py``: the O(T) blocked-scan torch path (the CPU path).
+- ``fipo_triton.py``: the Liger-style fused Triton kernels (the CUDA path); importable without triton or a GPU.
 """
 
 from .fipo_torch import FIPOTorchResult, discounted_reverse_cumsum, fipo_loss_torch, weight_bounds
+from .fipo_triton import (
+    TRITON_AVAILABLE,
+    FIPOLossFunction,
+    fipo_loss_triton,
+    fipo_weights_triton,
+    triton_usable,
+)
 from .naive import discounted_reverse_cumsum_naive, fipo_loss_naive
 
 __all__ = [
+    "FIPOLossFunction",
     "FIPOTorchResult",
+    "TRITON_AVAILABLE",
     "discounted_reverse_cumsum",
     "discounted_reverse_cumsum_naive",
     "fipo_loss_naive",
     "fipo_loss_torch",
+    "fipo_loss_triton",
+    "fipo_weights_triton",
+    "triton_usable",
     "weight_bounds",
 ]

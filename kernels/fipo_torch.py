@@ -6,11 +6,18 @@ buffers alive. Here it is a blocked scan under ``no_grad``: a fixed (K x K) deca
 tokens and the same scan, recursively, over the block carries. Memory is O(B*T), work O(B*T*K), every factor
 is gamma^d <= 1 (no gamma^(-t) rescaling, so nothing overflows at T = 32K), and it is exact up to float
 rounding.
+
+Speed on CPU: comparisons, ``torch.where`` and bool reductions are 5-20x slower there than float arithmetic
+(a bool ``where`` over 164K tokens costs ~230 us, a float multiply ~10 us), so everything is float arithmetic on
+0/1 indicator tensors (``_above``/``_below``), masked reductions are products with the float mask, and the loss
+gradient is formed in the same pass as the loss (``_LossWithStoredGradient``), as the Triton kernel does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -44,6 +51,16 @@ def _ieee_fp32_matmul(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@functools.lru_cache(maxsize=32)
+def _scan_factors(gamma: float, K: int, dtype: torch.dtype, device: torch.device):
+    """(K, K) decay matrix [j, i] = gamma^(j - i) for j >= i, and gamma^(K - i): the reach of the next block."""
+    offsets = torch.arange(K, dtype=torch.float64)
+    distance = offsets[:, None] - offsets[None, :]
+    decay = torch.where(distance >= 0, gamma ** distance.clamp(min=0), 0.0)
+    to_next_block = gamma ** (K - offsets)
+    return decay.to(dtype=dtype, device=device), to_next_block.to(dtype=dtype, device=device)
+
+
 def discounted_reverse_cumsum(x: torch.Tensor, gamma: float, block_size: int = SCAN_BLOCK_SIZE) -> torch.Tensor:
     """y[..., t] = sum_{j >= t} gamma^(j - t) * x[..., j] along the last dimension, in x's dtype.
 
@@ -55,22 +72,19 @@ def discounted_reverse_cumsum(x: torch.Tensor, gamma: float, block_size: int = S
         return x.clone()
     K = min(block_size, T)
     n_blocks = -(-T // K)
-    blocks = F.pad(x, (0, n_blocks * K - T)).reshape(*x.shape[:-1], n_blocks, K)
-    offsets = torch.arange(K, device=x.device)
-    distance = offsets[:, None] - offsets[None, :]  # [j, i] = j - i
-    decay = torch.where(
-        distance >= 0,
-        torch.pow(torch.tensor(gamma, dtype=torch.float64, device=x.device), distance.clamp(min=0)),
-        0.0,
-    ).to(x.dtype)
+    padded = x if n_blocks * K == T else F.pad(x, (0, n_blocks * K - T))
+    blocks = padded.reshape(-1, K)
+    decay, to_next_block = _scan_factors(float(gamma), K, x.dtype, x.device)
     with _ieee_fp32_matmul(x.device):
-        y = blocks @ decay  # y[..., m, i] = sum_{j >= i in block m} gamma^(j - i) x_j
-    if n_blocks > 1:
-        at_block_start = discounted_reverse_cumsum(y[..., 0], gamma**K, block_size)
-        carry = F.pad(at_block_start[..., 1:], (0, 1))  # y at the first token of the next block
-        to_next_block = torch.pow(torch.tensor(gamma, dtype=torch.float64, device=x.device), K - offsets)
-        y = y + carry[..., None] * to_next_block.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n_blocks * K)[..., :T]
+        if n_blocks == 1:
+            y = blocks @ decay  # y[r, i] = sum_{j >= i in the block} gamma^(j - i) x_j
+        else:
+            block_start = (blocks @ decay[:, 0]).reshape(*x.shape[:-1], n_blocks)  # local sum at each block start
+            at_block_start = discounted_reverse_cumsum(block_start, gamma**K, block_size)
+            carry = F.pad(at_block_start[..., 1:], (0, 1)).reshape(-1)  # y at the first token of the next block
+            y = (blocks @ decay).addr_(carry, to_next_block)
+    y = y.reshape(*x.shape[:-1], n_blocks * K)
+    return y if n_blocks * K == T else y[..., :T]
 
 
 def weight_bounds(clip_ratio: float, clip_high_only: bool) -> tuple[float, float]:
@@ -78,6 +92,43 @@ def weight_bounds(clip_ratio: float, clip_high_only: bool) -> tuple[float, float
     if clip_ratio == 0:
         return 0.0, 10.0
     return (1.0 if clip_high_only else 1.0 - clip_ratio), 1.0 + clip_ratio
+
+
+# 0/1 float indicators of exact comparisons with a scalar: x - a is 0 only when x == a (IEEE, finite x)
+def _above(x: torch.Tensor, a: float) -> torch.Tensor:  # x > a
+    return (x - a).clamp_(min=0).sign_()
+
+
+def _below(x: torch.Tensor, a: float) -> torch.Tensor:  # x < a
+    return (a - x).clamp_(min=0).sign_()
+
+
+def _at_most(x: torch.Tensor, a: float) -> torch.Tensor:  # x <= a
+    return 1 - _above(x, a)
+
+
+def _at_least(x: torch.Tensor, a: float) -> torch.Tensor:  # x >= a
+    return 1 - _below(x, a)
+
+
+def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # bool -> float goes through uint8: the direct cast is ~7x slower on CPU
+    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).to(dtype)
+
+
+class _LossWithStoredGradient(torch.autograd.Function):
+    """Attach a precomputed d loss / d logps to a loss value: backward scales it per row, nothing else."""
+
+    @staticmethod
+    def forward(ctx, logps, loss, unscaled_grad, row_scale):
+        ctx.save_for_backward(unscaled_grad, row_scale)
+        ctx.logps_dtype = logps.dtype
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        unscaled_grad, row_scale = ctx.saved_tensors
+        return (unscaled_grad * (grad_loss * row_scale)[:, None]).to(ctx.logps_dtype), None, None, None
 
 
 def fipo_loss_torch(
@@ -96,92 +147,192 @@ def fipo_loss_torch(
     block_size: int = SCAN_BLOCK_SIZE,
 ) -> FIPOTorchResult:
     """The official FIPO loss (SPEC §1.1) on validated inputs: logps/old_logps (B, T) of one float dtype,
-    advantages (B,) or (B, T), mask (B, T) bool. Computes in float64 for float64 inputs, else float32."""
+    advantages (B,) or (B, T), mask (B, T) bool. Computes in float64 for float64 inputs, else float32.
+    Unmasked positions must be NaN-free with finite advantages (``fipo_loss`` checks); masked ones may hold anything.
+
+    One ``aminmax`` of the log-ratio decides which rare branches can fire at all (a ratio above c, the safety
+    threshold, 1 + eps_high, 2, or below 1 - eps_low, 1e-3; a log-ratio beyond +-20); the branches that cannot
+    are skipped, not approximated. Fresh (B, T) allocations cost page faults on CPU, so temporaries reuse buffers.
+    """
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    zero = torch.zeros((), dtype=dtype, device=logps.device)
-    adv = advantages.to(dtype)
-    adv = torch.where(mask, adv[:, None] if adv.dim() == 1 else adv, zero)  # where, not *: NaN at padding stays out
-    # The only differentiable quantity: delta, and through it the PPO ratio.
-    log_ratio = torch.where(mask, (logps.to(dtype) - old_logps.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), zero)
-
+    ratio_low, ratio_high = 1.0 - epsilon_low, 1.0 + epsilon_high
+    needs_grad = torch.is_grad_enabled() and logps.requires_grad
     with torch.no_grad():
-        delta = log_ratio.detach()
-        ratio = torch.exp(delta)
-        participates = mask & (ratio <= dual_clip)  # any advantage sign (the official code)
-        future_kl = discounted_reverse_cumsum(torch.where(participates, delta, zero), gamma, block_size)
-        raw = torch.exp(future_kl)
+        mask_f = _float_mask(mask, dtype)
+        adv = torch.nan_to_num(advantages.to(dtype), nan=0.0)  # NaN/inf allowed at padding, zeroed by mask_f below
+        adv = adv[:, None] if adv.dim() == 1 else adv * mask_f  # (B, 1) per response, or (B, T)
+        negative_adv, positive_adv = _below(adv, 0.0), _above(adv, 0.0)  # 0/1 selectors, (B, 1) or (B, T)
+
+        delta = (logps.detach().to(dtype) - old_logps.to(dtype)).nan_to_num_(nan=0.0).mul_(mask_f)
+        delta_min, delta_max = (v.item() for v in delta.aminmax()) if delta.numel() else (0.0, 0.0)
+        raw_delta = None
+        if max(-delta_min, delta_max) > LOG_RATIO_CLAMP:
+            raw_delta, delta = delta, delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            delta_min, delta_max = max(delta_min, -LOG_RATIO_CLAMP), min(delta_max, LOG_RATIO_CLAMP)
+
+        def may_exceed(threshold):  # can a ratio exceed it? (margin: scalar vs vectorised exp rounding)
+            return delta_max >= math.log(threshold) - 1e-6
+
+        def may_go_below(threshold):
+            return delta_min <= math.log(threshold) + 1e-6
+
+        scratch = torch.empty_like(mask_f)  # one buffer for every temporary indicator
+        sum_neg_log_ratio, n_active = -delta.sum(), torch.count_nonzero(delta).to(dtype)
+        ratio = torch.exp(delta)  # 1 at masked positions
+        if may_exceed(dual_clip):
+            participates = _at_most(ratio, dual_clip).mul_(mask_f)  # any advantage sign (the official code)
+            future_kl = discounted_reverse_cumsum(delta * participates, gamma, block_size)
+            n_filtered = (mask_f - participates).sum()
+        else:  # no ratio above c: every response token takes part (delta is already 0 elsewhere)
+            future_kl = discounted_reverse_cumsum(delta, gamma, block_size)
+            n_filtered = mask_f.new_zeros(())
+
+        big = torch.finfo(dtype).max
+        outside = mask_f.neg().add_(1).mul_(big)  # added before a min: padded positions never win
+        weights = future_kl.exp()  # exp(F), clipped in place below once its sum is taken
+        sum_raw_weight = torch.nansum(torch.mul(weights, mask_f, out=scratch))  # inf * 0 at padding is NaN, not data
         lower, upper = weight_bounds(clip_ratio, clip_high_only)
-        clipped = raw.clamp(max=upper) if clip_ratio == 0 else raw.clamp(lower, upper)
-        safety = (adv < 0) & (ratio > safety_threshold)
-        weights = torch.where(safety, clipped.clamp(0.8, 1.0), clipped)
-        weighted_adv = adv * weights
+        weights = weights.clamp_(max=upper) if clip_ratio == 0 else weights.clamp_(lower, upper)
+        safety = None
+        if may_exceed(safety_threshold):
+            safety = negative_adv * _above(ratio, safety_threshold) * mask_f
+            weights = torch.lerp(weights, weights.clamp(0.8, 1.0), safety)  # lerp is exact at weight 0 and 1
+        masked_weights = weights * mask_f
+        weighted_adv = adv * masked_weights  # A f, 0 off the response
 
-    ratio_grad = torch.exp(log_ratio)
-    loss1 = -weighted_adv * ratio_grad
-    loss2 = -weighted_adv * ratio_grad.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    clip_loss = torch.maximum(loss1, loss2)
-    loss3 = -weighted_adv * dual_clip
-    negative = weighted_adv < 0
-    per_token_loss = torch.where(negative, torch.minimum(loss3, clip_loss), clip_loss)
+        # Dual-clip PPO loss: A > 0: -A f min(r, 1 + eps_high); A < 0: -A f clamp(r, 1 - eps_low, c) (f > 0 is a
+        # constant). Equal to the official max/min form token by token; one clamp with per-sign bounds.
+        ratio_floor = negative_adv * ratio_low  # 0 for A >= 0: r > 0 always
+        ratio_ceiling = negative_adv * (dual_clip - ratio_high) + ratio_high
+        capped_ratio = torch.clamp(ratio, min=ratio_floor, max=ratio_ceiling, out=scratch)
+        row_loss = -torch.linalg.vecdot(weighted_adv, capped_ratio)
+        # tokens whose A f has the sign of A (f = 0 only after an fp underflow of exp F with clip_ratio = 0)
+        signed_tokens = mask_f if lower > 0 or not may_go_below(1.0) else masked_weights.sign()
+        if may_exceed(dual_clip):  # A f < 0 and r > c: constant loss; > 1 such token drops the response
+            row_dual_clipped = torch.linalg.vecdot(_above(ratio, dual_clip).mul_(negative_adv), signed_tokens)
+        else:
+            row_dual_clipped = mask_f.new_zeros(mask_f.shape[0])
+        keep = row_dual_clipped <= 1
+        row_tokens = mask_f.sum(-1)
+        n_final = (row_tokens * keep).sum()
+        denominator = n_final + MASKED_MEAN_EPS
+        loss = (row_loss * keep).sum() / denominator
+        if needs_grad:
+            # d loss / d logp = -A f r where floor < r < ceiling (the ratio is not capped) and |delta| <= 20
+            unscaled_grad = torch.sub(ratio, ratio_floor).clamp_(min=0).sign_()
+            unscaled_grad.mul_(torch.sub(ratio_ceiling, ratio, out=scratch).clamp_(min=0).sign_())
+            if raw_delta is not None:
+                unscaled_grad.mul_(_at_most(raw_delta.abs(), LOG_RATIO_CLAMP))
+            unscaled_grad.mul_(ratio).mul_(weighted_adv).neg_()
+            row_scale = keep.to(dtype) / denominator
 
-    with torch.no_grad():
-        dual_clipped = negative & (clip_loss.detach() > loss3) & mask
-        keep = dual_clipped.sum(-1) <= 1
-        final_mask = mask & keep[:, None]
-        n_final = final_mask.sum().to(dtype)
-    loss = torch.where(final_mask, per_token_loss, zero).sum() / (n_final + MASKED_MEAN_EPS)
-
-    with torch.no_grad():
         stats = _stats(
-            mask=mask, delta=delta, ratio=ratio, adv=adv, future_kl=future_kl, raw=raw, weights=weights,
-            pg_clipped=(loss2.detach() > loss1.detach()) & mask, dual_clipped=dual_clipped, safety=safety & mask,
-            participates=participates, keep=keep, n_final=n_final, lower=lower, upper=upper, dual_clip=dual_clip,
+            scratch=scratch, outside=outside, mask_f=mask_f, signed_tokens=signed_tokens, row_tokens=row_tokens,
+            n_final=n_final, keep=keep, ratio=ratio, negative_adv=negative_adv, positive_adv=positive_adv,
+            future_kl=future_kl, weights=weights, masked_weights=masked_weights, safety=safety,
+            dual_clipped_rows=row_dual_clipped, lower=lower, upper=upper, ratio_low=ratio_low,
+            ratio_high=ratio_high, dual_clip=dual_clip, may_exceed=may_exceed, may_go_below=may_go_below,
+            precomputed={"sum_neg_log_ratio": sum_neg_log_ratio, "n_active": n_active, "n_filtered": n_filtered,
+                         "sum_raw_weight": sum_raw_weight},
         )
+    if needs_grad:
+        loss = _LossWithStoredGradient.apply(logps, loss, unscaled_grad, row_scale)
     return FIPOTorchResult(loss, weights, future_kl, keep, stats)
 
 
-def _stats(*, mask, delta, ratio, adv, future_kl, raw, weights, pg_clipped, dual_clipped, safety, participates,
-           keep, n_final, lower, upper, dual_clip) -> dict[str, torch.Tensor]:
-    """Sums, counts and extrema over response tokens (before the sequence filter, as the official metrics)."""
-    dtype = delta.dtype
-    inf = torch.tensor(float("inf"), dtype=dtype, device=delta.device)
+def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep, ratio, negative_adv, positive_adv,
+           future_kl, weights, masked_weights, safety, dual_clipped_rows, lower, upper, ratio_low, ratio_high,
+           dual_clip, may_exceed, may_go_below, precomputed) -> dict[str, torch.Tensor]:
+    """Sums, counts and extrema over response tokens (before the sequence filter, as the official metrics).
+    Extrema of an empty set are +inf (minima) and -inf (maxima). ``negative_adv``/``positive_adv`` are 0/1
+    selectors of shape (B, 1) (per-response advantages) or (B, T). Temporaries go through ``scratch``."""
+    dtype = ratio.dtype
+    inf = torch.tensor(math.inf, dtype=dtype, device=ratio.device)
+    zero = torch.zeros((), dtype=dtype, device=ratio.device)
+    empty = ratio.numel() == 0
+    per_row = negative_adv.shape[-1] == 1
 
-    def count(flags):
-        return (flags & mask).sum().to(dtype)
+    def count(indicator, selector=None, tokens=mask_f):  # response tokens where indicator (and selector) is 1
+        if selector is None:
+            return torch.linalg.vecdot(indicator, tokens).sum()
+        if per_row:
+            return (torch.linalg.vecdot(indicator, tokens) * selector[:, 0]).sum()
+        return torch.linalg.vecdot(indicator.mul_(selector), tokens).sum()
 
-    def total(values):
-        return torch.where(mask, values, 0).sum()
+    def indicator(x, op, a):  # 0/1 of x > a, x < a, x >= a or x <= a, written into scratch
+        if op in (">", "<="):
+            out = torch.sub(x, a, out=scratch).clamp_(min=0).sign_()
+        else:
+            out = torch.sub(a, x, out=scratch) if isinstance(a, torch.Tensor) else torch.mul(x, -1, out=scratch).add_(a)
+            out.clamp_(min=0).sign_()
+        return out.neg_().add_(1) if op in (">=", "<=") else out
 
-    def extreme(values, where, reduce, empty):
-        return reduce(torch.where(where & mask, values, empty)) if values.numel() else empty
+    n_tokens = row_tokens.sum()
+    if per_row:
+        n_negative, n_positive = (row_tokens * negative_adv[:, 0]).sum(), (row_tokens * positive_adv[:, 0]).sum()
+    else:
+        n_negative, n_positive = count(negative_adv.clone()), count(positive_adv.clone())
 
-    negative, positive = adv < 0, adv > 0
-    has_tokens = mask.any(-1)
+    def extreme(values, selector, reduce, fill):  # over response tokens with selector 1 (ratio > 0 inside)
+        if empty:
+            return fill
+        if fill > 0:  # a min: push everything else up
+            shifted = torch.add(values, outside, out=scratch)
+            if selector is not None and not per_row:
+                shifted.add_((1 - selector) * torch.finfo(dtype).max)
+        else:
+            shifted = torch.mul(values, mask_f, out=scratch)
+            if selector is not None and not per_row:
+                shifted.mul_(selector)
+        if selector is not None and per_row:
+            rows = reduce(shifted, -1) if reduce in (torch.amax, torch.amin) else shifted
+            return reduce(torch.where(selector[:, 0] > 0, rows, fill))
+        return reduce(shifted)
+
+    max_neg_ratio = torch.where(n_negative > 0, extreme(ratio, negative_adv, torch.amax, -inf), -inf)
+    max_pos_ratio = torch.where(n_positive > 0, extreme(ratio, positive_adv, torch.amax, -inf), -inf)
+    min_pos_ratio = torch.where(n_positive > 0, extreme(ratio, positive_adv, torch.amin, inf), inf)
+
+    def negative_at_least(a):  # response tokens with A < 0 and ratio >= a
+        return count(indicator(ratio, ">=", a), negative_adv) if may_exceed(a) else zero
+
+    n_neg_2, n_neg_3, n_neg_4, n_neg_c = (negative_at_least(a) for a in (2.0, 3.0, 4.0, dual_clip))
+    # PPO clip counted where the clipped term wins: A f > 0 and r > 1 + eps_high, or A f < 0 and r < 1 - eps_low
+    pg_clipped = zero
+    if may_exceed(ratio_high):
+        pg_clipped = pg_clipped + count(indicator(ratio, ">", ratio_high), positive_adv, signed_tokens)
+    if may_go_below(ratio_low):
+        pg_clipped = pg_clipped + count(indicator(ratio, "<", ratio_low), negative_adv, signed_tokens)
+    has_tokens = row_tokens > 0
+    any_token = n_tokens > 0
     return {
-        "n_tokens": mask.sum().to(dtype),
+        "n_tokens": n_tokens,
         "n_final_tokens": n_final,
-        "sum_neg_log_ratio": total(-delta),
-        "sum_future_kl": total(future_kl),
-        "n_active": count(delta != 0),
-        "n_filtered": count(~participates),
-        "n_pg_clipped": count(pg_clipped),
-        "n_dual_clipped": count(dual_clipped),
-        "n_safety": count(safety),
-        "sum_weight": total(weights),
-        "min_weight": extreme(weights, mask, torch.min, inf),
-        "max_weight": extreme(weights, mask, torch.max, -inf),
-        "sum_raw_weight": total(raw),
-        "min_raw_weight": extreme(raw, mask, torch.min, inf),
-        "max_raw_weight": extreme(raw, mask, torch.max, -inf),
-        "n_upper_clipped": count(weights >= upper - 1e-7),
-        "n_lower_clipped": count(weights <= lower + 1e-7),
-        "n_neg_ratio_2_3": count(negative & (ratio >= 2) & (ratio < 3)),
-        "n_neg_ratio_3_4": count(negative & (ratio >= 3) & (ratio < 4)),
-        "n_neg_ratio_4_c": count(negative & (ratio >= 4) & (ratio < dual_clip)),
-        "n_pos_mini": count(positive & (ratio < 1e-3)),
-        "max_neg_ratio": extreme(ratio, negative, torch.max, -inf),
-        "max_pos_ratio": extreme(ratio, positive, torch.max, -inf),
-        "min_pos_ratio": extreme(ratio, positive, torch.min, inf),
+        "sum_neg_log_ratio": precomputed["sum_neg_log_ratio"],
+        "sum_future_kl": torch.linalg.vecdot(future_kl, mask_f).sum(),
+        "n_active": precomputed["n_active"],
+        "n_filtered": precomputed["n_filtered"],
+        "n_pg_clipped": pg_clipped,
+        "n_dual_clipped": dual_clipped_rows.sum(),
+        "n_safety": safety.sum() if safety is not None else zero,
+        "sum_weight": masked_weights.sum(),
+        # weights >= 0: a max with 0 off the response is the max over it
+        "min_weight": torch.where(any_token, extreme(weights, None, torch.amin, inf), inf),
+        "max_weight": torch.where(any_token, masked_weights.max(), -inf) if not empty else -inf,
+        "sum_raw_weight": precomputed["sum_raw_weight"],
+        # exp is monotone: the extrema of exp(F) are exp of the extrema of F (F is finite, exp(F) may overflow)
+        "min_raw_weight": torch.where(any_token, extreme(future_kl, None, torch.amin, inf).exp(), inf),
+        "max_raw_weight": torch.where(
+            any_token, torch.sub(future_kl, outside, out=scratch).max().exp(), -inf) if not empty else -inf,
+        "n_upper_clipped": count(indicator(weights, ">=", upper - 1e-7)),
+        "n_lower_clipped": count(indicator(weights, "<=", lower + 1e-7)),
+        "n_neg_ratio_2_3": n_neg_2 - n_neg_3,
+        "n_neg_ratio_3_4": n_neg_3 - n_neg_4,
+        "n_neg_ratio_4_c": (n_neg_4 - n_neg_c).clamp(min=0),  # [4, c) is empty when c <= 4
+        "n_pos_mini": count(indicator(ratio, "<", 1e-3), positive_adv) if may_go_below(1e-3) else zero,
+        "max_neg_ratio": max_neg_ratio,
+        "max_pos_ratio": max_pos_ratio,
+        "min_pos_ratio": min_pos_ratio,
         "n_rows": has_tokens.sum().to(dtype),
         "n_dropped_rows": (has_tokens & ~keep).sum().to(dtype),
     }
