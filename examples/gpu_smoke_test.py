@@ -45,6 +45,7 @@ def run_check(name: str, output_dir: str) -> None:
     active = [h["fipo/active"] for h in trainer.state.log_history if "fipo/active" in h]
     assert trainer.state.global_step == 4 and max(active) > 0, active
     assert next(trainer.model.parameters()).is_cuda
+    assert trainer.fipo_backend == "triton", trainer.fipo_backend  # the fused kernel, not the torch path
     print(f"SMOKE OK {name} on {torch.cuda.get_device_name()}: fipo/active={active}", flush=True)
 
 

@@ -100,6 +100,7 @@ class FIPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
+        self.fipo_backend: str | None = None  # which fipo_loss path computes the weights: "triton" or "torch"
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, eval_results: dict[str, dict[str, float]] | None = None):
@@ -206,13 +207,16 @@ class FIPOTrainer(GRPOTrainer):
         per_token = advantages[:, None] if advantages.dim() == 1 else advantages
         batch["advantages"] = (per_token * scale).to(advantages.dtype)
         batch.weighted = True
-        self._log_fipo_metrics(out.stats)
+        self._log_fipo_metrics(out.stats, fused=out.backend == "triton")
+        if self.fipo_backend != out.backend:
+            self.fipo_backend = out.backend
+            logger.info(f"FIPO weights are computed by the {out.backend} path on {logps.device}.")
         self.fipo_last_batch = {
             "completion_ids": dict.__getitem__(batch, "completion_ids").detach(), "mask": mask,
             "advantages": advantages.detach(), "weights": out.weights, "future_kl": out.future_kl, "keep": out.keep,
         }
 
-    def _log_fipo_metrics(self, stats: dict[str, torch.Tensor]) -> None:
+    def _log_fipo_metrics(self, stats: dict[str, torch.Tensor], fused: bool) -> None:
         """Reduce the stats over all ranks (one gather, run unconditionally on every rank) and log the metrics."""
         names = list(stats)
         gathered = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None]).view(-1, len(names))
@@ -224,3 +228,4 @@ class FIPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         for name, value in metrics_from_stats(reduced).items():
             self._metrics[mode][f"fipo/{name}"].append(value.item())
+        self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: the Triton kernel, 0: the torch path

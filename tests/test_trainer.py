@@ -108,6 +108,9 @@ def test_fipo_is_active_after_the_first_update_of_each_generation_batch(tiny_mod
         torch.testing.assert_close(call["advantages"], advantages[:, None] * out.weights, rtol=0, atol=0)
     weights = [fipo_loss(*args, **kwargs).weights for args, kwargs in spy.fipo_calls]
     assert any((w != 1).any() for w in weights)
+    # on CPU the trainer uses the torch path, and says so
+    assert trainer.fipo_backend == "torch"
+    assert {h["fipo/fused_kernel"] for h in trainer.state.log_history if "fipo/fused_kernel" in h} == {0.0}
 
 
 def test_fipo_trains_differently_from_grpo(tiny_model_path, tmp_path):

@@ -1,10 +1,5 @@
-"""vLLM generation: what can be checked without a GPU (config pass-through, which log-probs are pi_old), and the
-GPU smoke test, skipped unless CUDA and vLLM are present (examples/gpu_smoke_test.py runs it on a GPU machine)."""
-
-import importlib.util
-import subprocess
-import sys
-from pathlib import Path
+"""vLLM generation, what can be checked without a GPU: config pass-through and which log-probs are pi_old.
+The GPU runs (vLLM colocate, with and without LoRA) are in tests/test_gpu.py."""
 
 import pytest
 import torch
@@ -14,8 +9,6 @@ from trl import TrlParser
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
 from fipo_trl.testing import digit_reward, tiny_prompt_dataset
 from test_trainer import config_kwargs, crafted_micro_batch
-
-HAS_GPU_VLLM = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])
@@ -43,13 +36,3 @@ def test_pi_old_is_the_training_models_recompute_not_the_sampler(tiny_model_path
     trainer._compute_loss(trainer.model, batch)
     expected = fipo_loss(logps, batch["old_per_token_logps"], batch["advantages"], batch["completion_mask"])
     torch.testing.assert_close(trainer.fipo_last_batch["weights"], expected.weights, rtol=0, atol=1e-6)
-
-
-@pytest.mark.skipif(not HAS_GPU_VLLM, reason="needs a CUDA GPU and vLLM")
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_vllm_colocate_training_on_gpu(lora, tmp_path):
-    script = Path(__file__).resolve().parents[1] / "examples" / "gpu_smoke_test.py"
-    run = subprocess.run([sys.executable, str(script), "--only", "vllm-lora" if lora else "vllm", "--output_dir",
-                          str(tmp_path)], capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "SMOKE OK" in run.stdout
