@@ -6,6 +6,7 @@ No trainer state lives here. ``fipo_loss`` validates its inputs and dispatches t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,19 +27,23 @@ class FIPOLossOutput:
     weights: (B, T) detached influence weights f (after the clip and the safety rule).
     future_kl: (B, T) detached discounted Future-KL F.
     keep: (B,) bool, False for responses dropped by the sequence filter (> 1 dual-clipped token).
-    metrics: the official metric names (SPEC §1.2) plus ``future_kl_mean``, ``active``, ``filtered_ratio``,
-        ``safety_ratio`` and ``dropped_seq_ratio``; 0-dim detached tensors, NaN for an extremum of an empty set.
     stats: the sums, counts and extrema the metrics are formed from (what the trainer reduces across ranks).
     backend: the compute path that ran, "torch" (blocked-scan torch path) or "triton" (fused kernels).
+    metrics (formed from ``stats`` on first access): the official metric names (SPEC §1.2) plus
+        ``future_kl_mean``, ``active``, ``filtered_ratio``, ``safety_ratio`` and ``dropped_seq_ratio``; 0-dim
+        detached tensors, NaN for an extremum of an empty set.
     """
 
     loss: torch.Tensor
     weights: torch.Tensor
     future_kl: torch.Tensor
     keep: torch.Tensor
-    metrics: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]
     backend: str
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return metrics_from_stats(self.stats)
 
 
 def decay_to_gamma(decay_rate: float) -> float:
@@ -236,5 +241,5 @@ def fipo_loss(
     )
     return FIPOLossOutput(
         loss=result.loss, weights=result.weights, future_kl=result.future_kl, keep=result.keep,
-        metrics=metrics_from_stats(result.stats), stats=result.stats, backend=chosen,
+        stats=result.stats, backend=chosen,
     )

@@ -226,6 +226,7 @@ class FIPOTrainer(GRPOTrainer):
             reduced[name] = column.min() if name.startswith("min_") else column.max() if name.startswith("max_") \
                 else column.sum()
         mode = "train" if self.model.training else "eval"
-        for name, value in metrics_from_stats(reduced).items():
-            self._metrics[mode][f"fipo/{name}"].append(value.item())
+        metrics = metrics_from_stats(reduced)
+        for name, value in zip(metrics, torch.stack(list(metrics.values())).tolist()):  # one host transfer
+            self._metrics[mode][f"fipo/{name}"].append(value)
         self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: the Triton kernel, 0: the torch path

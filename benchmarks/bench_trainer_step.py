@@ -1,0 +1,91 @@
+"""Wall time of a whole optimizer step: FIPOTrainer vs GRPOTrainer (DAPO loss) on the same tiny config.
+
+    python benchmarks/bench_trainer_step.py [--steps 64] [--rounds 3]
+
+Both trainers get the same model, data, seed and batch geometry (4 optimizer updates per generation batch, so
+FIPO's weights are live), `loss_type="dapo"`, delta 10, epsilon_high 0.28. Steps that generate are timed
+separately from update-only steps: generation dominates the former and is identical code in both trainers.
+Rounds alternate the order of the two trainers to cancel drift. Writes benchmarks/results/trainer_step_<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from fipo_trl import FIPOConfig, FIPOTrainer
+from fipo_trl.testing import build_tiny_model, digit_reward, tiny_prompt_dataset
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.started, self.times = None, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.started)
+
+
+def run(trainer_cls, config_cls, model_path, steps, output_dir):
+    args = config_cls(
+        output_dir=output_dir, bf16=False, per_device_train_batch_size=8, num_generations=8, max_completion_length=32,
+        max_steps=steps, learning_rate=1e-3, steps_per_generation=4, loss_type="dapo", delta=10.0, epsilon_high=0.28,
+        beta=0.0, vllm_importance_sampling_correction=False, report_to="none", logging_steps=1, save_strategy="no",
+        gradient_checkpointing=False, seed=0, disable_tqdm=True,
+    )
+    timer = StepTimer()
+    trainer = trainer_cls(model=model_path, reward_funcs=digit_reward, args=args, train_dataset=tiny_prompt_dataset(64),
+                          callbacks=[timer])
+    trainer.train()
+    generating = [t for i, t in enumerate(timer.times) if i % 4 == 0]
+    updating = [t for i, t in enumerate(timer.times) if i % 4 != 0]
+    return generating[1:], updating[3:]  # drop warm-up steps
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    cli = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tmp = tempfile.mkdtemp()
+    model_path = str(build_tiny_model(f"{tmp}/model"))
+    times = {"GRPOTrainer (dapo)": ([], []), "FIPOTrainer": ([], [])}
+    pairs = [("GRPOTrainer (dapo)", GRPOTrainer, GRPOConfig), ("FIPOTrainer", FIPOTrainer, FIPOConfig)]
+    for round_ in range(cli.rounds):
+        for name, trainer_cls, config_cls in pairs if round_ % 2 == 0 else pairs[::-1]:
+            generating, updating = run(trainer_cls, config_cls, model_path, cli.steps, f"{tmp}/{name}-{round_}")
+            times[name][0].extend(generating)
+            times[name][1].extend(updating)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    lines = [f"# Optimizer step time, FIPOTrainer vs GRPOTrainer (dapo), tiny model, {device}", "",
+             f"{cli.rounds} rounds x {cli.steps} steps, 8 completions of <= 32 tokens per step, 4 updates per "
+             "generation batch; median step time in ms.", "",
+             "| trainer | update-only step | generating step | all steps (mean) |", "|---|---:|---:|---:|"]
+    medians = {}
+    for name, (generating, updating) in times.items():
+        medians[name] = statistics.median(updating)
+        mean_all = statistics.mean(generating * 1 + updating) * 1e3
+        lines.append(f"| {name} | {medians[name] * 1e3:.2f} | {statistics.median(generating) * 1e3:.2f} | "
+                     f"{mean_all:.2f} |")
+    ratio = medians["FIPOTrainer"] / medians["GRPOTrainer (dapo)"]
+    lines += ["", f"FIPOTrainer / GRPOTrainer update-only step: **{ratio:.3f}x**"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"trainer_step_{device.replace(' ', '_').lower()}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
