@@ -68,6 +68,27 @@ class FIPOConfig(GRPOConfig):
                   "importance ratio > `delta`) from the loss, as the official code does."},
     )
 
+    # Dynamic sampling (DAPO filter_groups; fipo_trl/dynamic_sampling.py) -------------------------------------------
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "Drop prompt groups whose rewards all agree (advantage 0) and generate fresh groups until "
+                  "the generation batch is full again, as the official DAPO/FIPO recipe does (filter_groups). "
+                  "Single process only; needs scale_rewards 'group' or 'none'. Paper: on."},
+    )
+    dynamic_sampling_max_retries: int = field(
+        default=10,
+        metadata={"help": "With dynamic_sampling: at most this many extra generation batches per step; if the batch "
+                  "is still short, it is filled with uniform groups at advantage 0 (logged as "
+                  "dynamic_sampling/filled_groups). Official: up to 10 generation batches of 4x the train batch, "
+                  "i.e. 39 retries of one train batch."},
+    )
+    dynamic_sampling_metric: str | None = field(
+        default=None,
+        metadata={"help": "With dynamic_sampling: the reward function (by name, e.g. 'math_verify_reward') whose "
+                  "values decide whether a group is uniform. None: the weighted sum of all rewards. Official: the "
+                  "accuracy ('acc'), i.e. the correctness reward without the overlong penalty."},
+    )
+
     # GRPO fields whose defaults FIPO changes -------------------------------------------------------------------
     loss_type: str = field(
         default="bnpo",

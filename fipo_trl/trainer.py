@@ -19,6 +19,7 @@ from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
+from fipo_trl.dynamic_sampling import DynamicSampler
 from fipo_trl.loss import fipo_loss, metrics_from_stats
 from fipo_trl.model_card import render_model_card
 
@@ -101,6 +102,8 @@ class FIPOTrainer(GRPOTrainer):
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
         self.fipo_backend: str | None = None  # which fipo_loss path computes the weights: "triton" or "torch"
+        self._last_rewards_per_func: torch.Tensor | None = None  # TRL's last rewards, read by dynamic sampling
+        self._dynamic_sampler = DynamicSampler(self) if self.args.dynamic_sampling else None
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, eval_results: dict[str, dict[str, float]] | None = None):
@@ -162,7 +165,21 @@ class FIPOTrainer(GRPOTrainer):
         warnings.warn(message, UserWarning, stacklevel=2)
         logger.warning(message)
 
+    # Dynamic sampling (fipo_trl/dynamic_sampling.py): wraps TRL's generation + scoring of a training batch.
+    def _generate_and_score_completions(self, inputs):
+        if self._dynamic_sampler is None or not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+        return self._dynamic_sampler(inputs, super()._generate_and_score_completions)
+
+    def _calculate_rewards(self, *args, **kwargs):
+        self._last_rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        return self._last_rewards_per_func
+
     def _compute_loss(self, model, inputs):
+        if self._dynamic_sampler is not None and self.model.training and not self._dynamic_sampler.calls:
+            raise RuntimeError("dynamic_sampling=True but FIPOTrainer._generate_and_score_completions never ran: "
+                               "this TRL version generates elsewhere, so uniform groups would not be dropped. Set "
+                               "dynamic_sampling=False or install the TRL version fipo_trl supports (trl>=1.16,<1.17).")
         batch = _MicroBatch(inputs)
         self._fipo_pending = (model, batch)
         try:

@@ -1,0 +1,176 @@
+"""The ``fipo-trl`` command: TRL's ``trl grpo`` script with FIPOTrainer/FIPOConfig, plus ``eval``.
+
+    fipo-trl [train] [flags]         train (the default subcommand); `fipo-trl --help` lists every flag
+    fipo-trl train --config examples/recipes/qwen2.5-1.5b-single-gpu.yaml
+    fipo-trl eval --model_name_or_path outputs/my-run --k 16 ...        avg@k / pass@k / cons@k (`fipo-trl eval --help`)
+    accelerate launch --config_file <accelerate config> -m fipo_trl.cli train --config recipe.yaml
+
+With no model (no --model_name_or_path and no --config, or a recipe without one) ``train`` builds a tiny Llama locally
+(no download) and trains it on built-in arithmetic prompts: the embedded default, a CPU smoke run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from trl import (DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset, get_peft_config,
+                 get_quantization_config)
+
+from fipo_trl.config import FIPOConfig
+
+# The embedded default when no model is named (no --model_name_or_path, no --config); flags still win.
+EMBEDDED_DEFAULTS = dict(
+    output_dir="outputs/fipo-tiny", max_steps=16, per_device_train_batch_size=4, num_generations=4,
+    max_completion_length=12, learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=8,
+    report_to="none", gradient_checkpointing=False, bf16=torch.cuda.is_available(), seed=0, disable_tqdm=False, fipo_updates_per_generation=4,
+)
+TOY_REWARD = "fipo_trl.testing.digit_reward"
+
+
+@dataclass
+class FIPOScriptArguments(ScriptArguments):
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Reward functions: 'math_verify_reward' (DAPO's +-1 verifier, reference answer in the "
+                  "'solution' or 'answer' column), 'overlong_penalty' (DAPO's soft length penalty, see "
+                  "--overlong_buffer_length), or dotted import paths ('my_lib.rewards.correctness'). Default: "
+                  "'math_verify_reward'; the embedded tiny run uses a toy digit reward."},
+    )
+    overlong_buffer_length: int | None = field(
+        default=None,
+        metadata={"help": "Buffer of the 'overlong_penalty' reward, in tokens: the penalty is 0 up to "
+                  "max_completion_length - buffer and -1 at max_completion_length. Default max_completion_length / 5 "
+                  "(the official 4096 of 20480 for 32B and 2048 of 10240 for 7B)."},
+    )
+    overlong_penalty_factor: float = field(
+        default=1.0, metadata={"help": "Scale of the 'overlong_penalty' reward. Official: 1.0."},
+    )
+    reward_timeout_seconds: float = field(
+        default=5.0,
+        metadata={"help": "Hard wall-clock limit of one math-verify check in 'math_verify_reward' (a check that "
+                  "overruns scores -1)."},
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "With a LoRA adapter (--use_peft): also save the base model with the adapter merged in, "
+                  "to <output_dir>/merged, loadable without peft."},
+    )
+
+
+def load_reward_funcs(names: list[str], training_args: FIPOConfig, script_args: FIPOScriptArguments) -> list:
+    """Resolve --reward_funcs: the short names of the rewards fipo_trl ships, else dotted import paths."""
+    from fipo_trl.rewards import MathVerifyReward, overlong_penalty
+
+    funcs = []
+    for name in names:
+        if name in ("math_verify_reward", "math_verify"):
+            funcs.append(MathVerifyReward(timeout_seconds=script_args.reward_timeout_seconds))
+        elif name == "overlong_penalty":
+            max_length = training_args.max_completion_length
+            buffer = script_args.overlong_buffer_length or max(1, max_length // 5)
+            funcs.append(overlong_penalty(max_length, buffer, script_args.overlong_penalty_factor))
+        elif "." in name:
+            module, _, attribute = name.rpartition(".")
+            sys.path.insert(0, os.getcwd())  # rewards next to the user's recipe, as `trl grpo` allows
+            funcs.append(getattr(importlib.import_module(module), attribute))
+        else:
+            raise ValueError(f"--reward_funcs {name!r}: expected 'math_verify_reward', 'overlong_penalty' or a dotted "
+                             "import path such as 'my_rewards.correctness'.")
+    return funcs
+
+
+USAGE = """Train with FIPO (arXiv 2603.19835): TRL's GRPO script with FIPOTrainer/FIPOConfig.
+Subcommands: `fipo-trl train [flags]` (the default) and `fipo-trl eval [flags]` (avg@k / pass@k / cons@k; see
+`fipo-trl eval --help`). `--config recipe.yaml` reads the flags from a YAML file (examples/recipes/); flags given on
+the command line win. With no model (no --model_name_or_path, no --config) a tiny model is built and trained locally."""
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((FIPOScriptArguments, FIPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog,
+                     description=USAGE)
+
+
+def parse_train_args(argv: list[str]):
+    parser = make_parser(prog="fipo-trl train")
+    if not any(arg.startswith(("--model_name_or_path", "--config")) for arg in argv):
+        parser.set_defaults(**EMBEDDED_DEFAULTS)  # defaults only: flags still win
+    return parser.parse_args_and_config(argv)
+
+
+def train(argv: list[str]):
+    """Train with FIPO; returns the trainer."""
+    from fipo_trl.callbacks import PrintFIPOMetricsCallback
+    from fipo_trl.trainer import FIPOTrainer
+
+    script_args, training_args, model_args, dataset_args = parse_train_args(argv)
+    embedded = model_args.model_name_or_path is None
+    if embedded:
+        from fipo_trl.testing import build_tiny_model
+
+        model_args.model_name_or_path = str(build_tiny_model(f"{training_args.output_dir}/base-model"))
+    else:
+        model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+                                 attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+        quantization_config = get_quantization_config(model_args)
+        if quantization_config is not None:
+            from trl import get_kbit_device_map
+
+            model_init_kwargs.update(quantization_config=quantization_config, device_map=get_kbit_device_map())
+        training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+
+    if dataset_args.datasets:  # a mixture (--config with `datasets:`) wins over --dataset_name, as in `trl grpo`
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        from datasets import load_dataset
+
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
+                               streaming=script_args.dataset_streaming)
+    elif embedded:
+        from fipo_trl.testing import tiny_prompt_dataset
+
+        dataset = {script_args.dataset_train_split: tiny_prompt_dataset(64)}
+    else:
+        raise ValueError("No training data: pass --dataset_name, or a `datasets:` mixture in --config.")
+
+    reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
+    trainer = FIPOTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=load_reward_funcs(reward_names, training_args, script_args),
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None,
+        peft_config=get_peft_config(model_args),
+        callbacks=[PrintFIPOMetricsCallback()],
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}")
+    if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
+        merged_dir = f"{training_args.output_dir}/merged"
+        trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
+        trainer.processing_class.save_pretrained(merged_dir)
+        trainer.accelerator.print(f"Merged model saved to {merged_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "eval":
+        from fipo_trl.evaluation import main as evaluate_main
+
+        return evaluate_main(argv[1:])
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    return train(argv)
+
+
+if __name__ == "__main__":
+    main()

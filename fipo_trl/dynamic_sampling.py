@@ -1,0 +1,236 @@
+"""Dynamic sampling (DAPO's ``filter_groups``) for FIPOTrainer.
+
+A prompt group whose G completions all get the same reward has advantage 0 for every completion: it adds nothing to
+the loss numerator but still counts in the token-mean denominator. The official DAPO/FIPO recipe drops such groups and
+generates more until the batch is full. Here, after TRL has generated and scored a generation batch, uniform groups are
+dropped and fresh prompt groups are generated (up to ``dynamic_sampling_max_retries`` extra generation batches per
+step) until the batch again holds its usual number of groups; the surplus is cut off. If the retries run out, the
+shortfall is filled with dropped groups whose advantages are set to 0 (logged as ``filled_groups``), so the batch
+keeps the size TRL splits into micro-batches.
+
+Advantages come from TRL's own computation on each generated batch. With ``scale_rewards`` "group" or "none" and
+``multi_objective_aggregation="sum_then_normalize"`` a completion's advantage depends on its own group only, so these
+are exactly the advantages of the kept groups; other settings normalise over the whole batch and are rejected.
+
+Fresh groups come from a separate, seeded stream over the training dataset (not from the trainer's dataloader), so
+the epoch accounting of the Trainer is unchanged; its position is not checkpointed, so a resumed run draws different
+refill prompts. Single process only for now: groups straddle ranks and the kept rows would differ per rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+__all__ = ["DynamicSampler", "PromptGroupStream", "check_dynamic_sampling_args", "concat_generation_outputs",
+           "group_keep_mask", "select_rows"]
+
+# How each tensor of TRL's generation output is padded (value) and on which side, for concatenating batches whose
+# padded widths differ. Any other key (multimodal inputs, new TRL fields) is refused by name.
+_LEFT_PADDED = {"prompt_ids": "pad", "prompt_mask": 0}
+_RIGHT_PADDED = {"completion_ids": "pad", "completion_mask": 0, "old_per_token_logps": 0.0,
+                 "ref_per_token_logps": 0.0, "sampling_per_token_logps": 0.0, "tool_mask": 1,
+                 "importance_sampling_ratio": 1.0}
+_PER_ROW = {"advantages"}
+_RECOMPUTED = {"num_items_in_batch"}
+
+
+def check_dynamic_sampling_args(args, num_processes: int) -> None:
+    """Settings dynamic sampling cannot serve correctly; raises with the fix."""
+    if num_processes > 1:
+        raise NotImplementedError(
+            f"dynamic_sampling=True runs on a single process only (got {num_processes}): prompt groups are spread "
+            "across ranks and the kept groups would differ per rank. Train on one process, or set "
+            "dynamic_sampling=False (zero-advantage groups then stay in the batch).")
+    if args.scale_rewards not in ("group", "none") or args.multi_objective_aggregation != "sum_then_normalize":
+        raise ValueError(
+            f"dynamic_sampling=True needs advantages computed per group (scale_rewards='group' or 'none' with "
+            f"multi_objective_aggregation='sum_then_normalize'), got scale_rewards={args.scale_rewards!r}, "
+            f"multi_objective_aggregation={args.multi_objective_aggregation!r}: batch-level normalisation would mix "
+            "in the dropped groups.")
+    if not isinstance(args.dynamic_sampling_max_retries, int) or args.dynamic_sampling_max_retries < 0:
+        raise ValueError(f"dynamic_sampling_max_retries = {args.dynamic_sampling_max_retries!r}: must be an integer "
+                         ">= 0.")
+
+
+def group_keep_mask(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(N,) rewards of N / G consecutive groups -> (N / G,) bool: True where the group's rewards are not all equal.
+    NaN rewards (unscorable completions) are ignored; a group with fewer than two finite rewards is dropped."""
+    groups = rewards.float().view(-1, num_generations)
+    finite = torch.isfinite(groups)
+    high = torch.where(finite, groups, torch.full_like(groups, -torch.inf)).amax(dim=1)
+    low = torch.where(finite, groups, torch.full_like(groups, torch.inf)).amin(dim=1)
+    return (finite.sum(dim=1) >= 2) & (high > low)
+
+
+def select_rows(output: dict, rows: torch.Tensor) -> dict:
+    """The rows ``rows`` of one generation output (every per-row tensor indexed; 0-dim entries kept)."""
+    return {key: value[rows.to(value.device)] if torch.is_tensor(value) and value.dim() > 0 else value
+            for key, value in output.items()}
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    missing = width - tensor.size(1)
+    if missing == 0:
+        return tensor
+    filler = torch.full((tensor.size(0), missing, *tensor.shape[2:]), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([filler, tensor] if left else [tensor, filler], dim=1)
+
+
+def concat_generation_outputs(outputs: list[dict], pad_token_id: int) -> dict:
+    """Concatenate TRL generation outputs row-wise, padding prompts on the left and completions on the right to a
+    common width, dropping columns that are padding in every row, and recounting ``num_items_in_batch``."""
+    keys = set(outputs[0])
+    for output in outputs[1:]:
+        if set(output) != keys:
+            raise ValueError(f"Generation outputs with different keys: {sorted(keys)} vs {sorted(output)}.")
+    unknown = keys - set(_LEFT_PADDED) - set(_RIGHT_PADDED) - _PER_ROW - _RECOMPUTED
+    if unknown:
+        raise ValueError(f"dynamic_sampling cannot merge the generation-output fields {sorted(unknown)} (multimodal "
+                         "or new TRL fields). Set dynamic_sampling=False.")
+    merged = {}
+    for key in keys - _RECOMPUTED:
+        parts = [output[key] for output in outputs]
+        if any(part is None for part in parts):
+            merged[key] = None
+            continue
+        if key in _PER_ROW:
+            merged[key] = torch.cat(parts)
+            continue
+        left = key in _LEFT_PADDED
+        value = (_LEFT_PADDED if left else _RIGHT_PADDED)[key]
+        value = pad_token_id if value == "pad" else value
+        width = max(part.size(1) for part in parts)
+        merged[key] = torch.cat([_pad_to(part, width, value, left) for part in parts])
+    # Trim columns that are padding in every row (left of the prompts, right of the completions).
+    prompt_used = merged["prompt_mask"].bool().any(dim=0).nonzero()
+    start = int(prompt_used[0]) if len(prompt_used) else 0
+    for key in _LEFT_PADDED:
+        merged[key] = merged[key][:, start:]
+    completion_used = merged["completion_mask"].bool().any(dim=0).nonzero()
+    end = int(completion_used[-1]) + 1 if len(completion_used) else 1
+    for key in _RIGHT_PADDED:
+        if merged.get(key) is not None and merged[key].dim() > 1 and merged[key].size(1) > 1:
+            merged[key] = merged[key][:, :end]
+    loss_mask = merged["completion_mask"]
+    if merged.get("tool_mask") is not None:
+        loss_mask = loss_mask * merged["tool_mask"]
+    merged["num_items_in_batch"] = loss_mask.sum()  # single process: the gathered sum is the local sum
+    return merged
+
+
+class PromptGroupStream:
+    """Endless stream of fresh prompt rows, each repeated ``num_generations`` times in a row (TRL's RepeatSampler
+    layout), drawn epoch by epoch in a seeded random order (map-style datasets) or in order (iterable ones)."""
+
+    def __init__(self, dataset, num_generations: int, seed: int):
+        self.dataset = dataset
+        self.num_generations = num_generations
+        self.generator = torch.Generator().manual_seed(seed)
+        self._rows: Iterator = iter(())
+
+    def _epoch(self) -> Iterator:
+        if hasattr(self.dataset, "__len__") and hasattr(self.dataset, "__getitem__"):
+            for index in torch.randperm(len(self.dataset), generator=self.generator).tolist():
+                yield self.dataset[index]
+        else:
+            yield from self.dataset
+
+    def draw(self, num_prompts: int) -> list[dict]:
+        rows = []
+        for _ in range(2):  # at most one epoch boundary per draw
+            rows += list(itertools.islice(self._rows, num_prompts - len(rows)))
+            if len(rows) == num_prompts:
+                break
+            self._rows = self._epoch()
+        if len(rows) < num_prompts:
+            raise ValueError(f"dynamic_sampling: the training dataset has fewer than {num_prompts} prompts.")
+        return [dict(row) for row in rows for _ in range(self.num_generations)]
+
+
+class DynamicSampler:
+    """The fill loop, owned by a FIPOTrainer with ``dynamic_sampling=True``.
+
+    ``trainer._generate_and_score_completions`` calls it with the dataloader's rows and TRL's own
+    ``_generate_and_score_completions``; the rewards of each generated batch are those TRL's ``_calculate_rewards``
+    returned (FIPOTrainer keeps the last ones in ``_last_rewards_per_func``).
+    """
+
+    def __init__(self, trainer):
+        args = trainer.args
+        check_dynamic_sampling_args(args, trainer.accelerator.num_processes)
+        self.metric_index = None
+        if args.dynamic_sampling_metric is not None:
+            if args.dynamic_sampling_metric not in trainer.reward_func_names:
+                raise ValueError(f"dynamic_sampling_metric = {args.dynamic_sampling_metric!r} is not one of the "
+                                 f"reward functions {trainer.reward_func_names}.")
+            self.metric_index = trainer.reward_func_names.index(args.dynamic_sampling_metric)
+        self.trainer = trainer
+        self.num_generations = trainer.num_generations
+        self.max_retries = args.dynamic_sampling_max_retries
+        # A stream of its own, seeded apart from the trainer's sampler so refills are not the batch's own prompts.
+        self.stream = PromptGroupStream(trainer.train_dataset, self.num_generations, seed=args.seed + 1)
+        self.calls = 0  # generation steps served; FIPOTrainer checks it to know the hook ran
+
+    def rewards(self) -> torch.Tensor:
+        """(N,) rewards that decide a group's fate: the chosen reward function, or the weighted sum (NaN where every
+        function returned None, as TRL treats such completions)."""
+        per_func = self.trainer._last_rewards_per_func
+        if per_func is None:
+            raise RuntimeError("dynamic_sampling: TRL's _generate_and_score_completions no longer calls "
+                               "_calculate_rewards, so the rewards of the generated groups are unknown. Set "
+                               "dynamic_sampling=False or install the TRL version fipo_trl supports (trl>=1.16,<1.17).")
+        if self.metric_index is not None:
+            return per_func[:, self.metric_index]
+        rewards = (per_func * self.trainer.reward_weights.to(per_func.device)[None]).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
+        return rewards
+
+    def generate_and_score(self, rows: list[dict], generate: Callable[[list[dict]], dict]) -> tuple[dict, torch.Tensor]:
+        self.trainer._last_rewards_per_func = None
+        output = generate(rows)
+        return output, self.rewards()
+
+    def __call__(self, rows: list[dict], generate: Callable[[list[dict]], dict]) -> dict:
+        self.calls += 1
+        num_rows = len(rows)
+        target_groups = num_rows // self.num_generations
+        kept, dropped = [], []
+        kept_groups = generated = dropped_groups = retries = 0
+        while True:
+            output, rewards = self.generate_and_score(rows, generate)
+            keep = group_keep_mask(rewards, self.num_generations)
+            generated += len(keep)
+            dropped_groups += int((~keep).sum())
+            kept_groups += int(keep.sum())
+            row_keep = keep.repeat_interleave(self.num_generations)
+            if row_keep.any():
+                kept.append(select_rows(output, row_keep.nonzero().squeeze(1)))
+            if (~row_keep).any() and sum(len(d["advantages"]) for d in dropped) < num_rows:
+                dropped.append(select_rows(output, (~row_keep).nonzero().squeeze(1)))
+            if kept_groups >= target_groups or retries == self.max_retries:
+                break
+            retries += 1
+            rows = self.stream.draw(target_groups)
+        filled_groups = max(target_groups - kept_groups, 0)
+        if filled_groups:
+            warnings.warn(f"dynamic_sampling: only {kept_groups} of {target_groups} prompt groups had differing "
+                          f"rewards after {retries} retries; filling the batch with {filled_groups} uniform groups "
+                          "(advantage 0). Raise dynamic_sampling_max_retries, or check the data's difficulty.",
+                          UserWarning, stacklevel=2)
+            for filler in dropped:
+                filler["advantages"] = torch.zeros_like(filler["advantages"])  # uniform group: no learning signal
+            kept.extend(dropped)
+        batch = concat_generation_outputs(kept, self.trainer._tokenizer.pad_token_id)
+        if len(batch["advantages"]) > num_rows:  # cut the surplus, whole groups (rows stay grouped), and recount
+            batch = concat_generation_outputs([select_rows(batch, torch.arange(num_rows))],
+                                              self.trainer._tokenizer.pad_token_id)
+        stats = {"dropped_groups": dropped_groups, "dropped_ratio": dropped_groups / generated,
+                 "generated_groups": generated, "kept_groups": min(kept_groups, target_groups), "retries": retries,
+                 "filled_groups": filled_groups}
+        for name, value in stats.items():
+            self.trainer._metrics["train"][f"dynamic_sampling/{name}"].append(float(value))
+        return batch

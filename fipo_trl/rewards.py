@@ -1,0 +1,241 @@
+"""DAPO reward pieces used by the official FIPO recipe, as TRL reward functions.
+
+* :class:`MathVerifyReward` (instance :data:`math_verify_reward`): the +-1 math-verifier score. The completion's answer
+  is the content of its last ``\\boxed{...}`` (or, failing that, its last ``Answer: ...`` line, the DAPO-Math prompt
+  format); math-verify decides equivalence with the reference answer. Scores: **+1.0** equivalent; **-1.0** for a
+  wrong answer, no answer, an unbalanced ``\\boxed{``, an answer longer than ``max_answer_chars``, an answer
+  math-verify cannot parse, or a check that exceeds the time limit; ``None`` (TRL leaves the completion out of this
+  reward) when the row has no reference answer.
+  The reference answer is read from the dataset column ``solution`` (TRL's convention, e.g. DeepMath), else
+  ``answer``, else ``reward_model["ground_truth"]`` (the verl / DAPO-Math-17k parquet layout).
+* :func:`overlong_penalty`: DAPO's soft overlong penalty, added to the score: ``min(-(L - (max - buffer)) / buffer, 0)
+  * factor`` for a completion of L tokens, exactly the official formula (0 up to max - buffer, -1 at max; below -1 if
+  L could exceed max).
+
+Every math-verify call runs in a separate worker process (:class:`MathVerifier`) with a hard wall-clock limit: the
+worker is killed and restarted when a check overruns. math-verify's own timeout uses ``signal.alarm``, which only
+works in the main thread and cannot interrupt C-level work (e.g. a huge integer power); TRL may call reward
+functions from an event-loop thread. Nothing is ever passed to ``eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["MathVerifier", "MathVerifyReward", "OverlongPenalty", "extract_answer", "math_verify_reward",
+           "overlong_penalty", "reference_answers"]
+
+_WORKER = Path(__file__).with_name("_math_verify_worker.py")
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (brace-matched), "" for an unbalanced one, None when there is none."""
+    start = max(text.rfind(command) for command in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0 or text[start:brace].strip() not in _BOX_COMMANDS:
+        return ""
+    depth = 0
+    for i in range(brace, len(text)):  # linear in the text length: safe on megabyte completions
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1:i]
+    return ""
+
+
+def _last_answer_line(text: str) -> str | None:
+    """The rest of the line after the last ``Answer:`` (DAPO-Math's requested format), or None."""
+    start = text.lower().rfind("answer:")
+    if start < 0:
+        return None
+    line = text[start + len("answer:"):].split("\n", 1)[0]
+    return line.strip().rstrip(".").strip().strip("$").strip()
+
+
+def extract_answer(completion: str, max_answer_chars: int = 1000) -> str | None:
+    """The final answer written in a completion, or None if there is none (or it is empty, unbalanced or longer than
+    ``max_answer_chars``, which bounds the cost of parsing it)."""
+    answer = _last_boxed(completion)
+    if answer is None:
+        answer = _last_answer_line(completion)
+    if not answer or not answer.strip() or len(answer) > max_answer_chars:
+        return None
+    return answer.strip()
+
+
+class MathVerifier:
+    """Equivalence checks with math-verify in a worker process, each under a hard wall-clock limit.
+
+    Thread-safe (one request at a time per instance). A check that exceeds ``timeout_seconds`` returns False and
+    the worker is killed; the next check starts a fresh one (~1 s: Python plus the math-verify import).
+    """
+
+    def __init__(self, timeout_seconds: float = 5.0, startup_timeout_seconds: float = 120.0):
+        if timeout_seconds <= 0:
+            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}.")
+        self.timeout_seconds = float(timeout_seconds)
+        self.startup_timeout_seconds = startup_timeout_seconds
+        self.timeouts = 0  # checks that hit the hard limit (the worker was killed)
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # picklable for TRL's spawned workers: the process handle stays behind
+        return {"timeout_seconds": self.timeout_seconds, "startup_timeout_seconds": self.startup_timeout_seconds}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def _start(self) -> subprocess.Popen:
+        # math-verify's soft (signal) timeout per parse/verify step, in whole seconds; the hard limit covers the sum.
+        soft = str(max(1, int(self.timeout_seconds // 3)))
+        process = subprocess.Popen(
+            [sys.executable, "-P", str(_WORKER), soft], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, bufsize=1, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        if self._read(process, self.startup_timeout_seconds) != {"ready": True}:
+            self._kill(process)
+            raise RuntimeError(f"The math-verify worker ({_WORKER}) did not start. Is math-verify installed "
+                               "(pip install 'math-verify>=0.9')?")
+        return process
+
+    @staticmethod
+    def _read(process: subprocess.Popen, timeout: float) -> dict | None:
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = process.stdout.readline()
+        return json.loads(line) if line else None
+
+    @staticmethod
+    def _kill(process: subprocess.Popen) -> None:
+        process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout):
+            stream.close()
+
+    def equal(self, gold: str, pred: str) -> bool:
+        """Whether ``pred`` is mathematically equivalent to ``gold`` (both plain answers, boxed or not)."""
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._process = self._start()
+            try:
+                self._process.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
+                self._process.stdin.flush()
+                reply = self._read(self._process, self.timeout_seconds)
+            except (BrokenPipeError, OSError, ValueError):
+                reply = None
+            if reply is None:  # overran (or died): kill it, the next call starts a fresh worker
+                self.timeouts += 1
+                self._kill(self._process)
+                self._process = None
+                return False
+            return bool(reply["equal"])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._process is not None:
+                self._kill(self._process)
+                self._process = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def reference_answers(n: int, solution=None, answer=None, reward_model=None) -> list[str | None]:
+    """The reference answer of each row: the ``solution`` column, else ``answer``, else
+    ``reward_model["ground_truth"]``."""
+    if solution is not None:
+        column = solution
+    elif answer is not None:
+        column = answer
+    elif reward_model is not None:
+        column = [None if row is None else row.get("ground_truth") for row in reward_model]
+    else:
+        raise ValueError("math_verify_reward needs the reference answers: a dataset column named 'solution' or "
+                         "'answer' (or verl's 'reward_model' with a 'ground_truth' key).")
+    if len(column) != n:
+        raise ValueError(f"Got {len(column)} reference answers for {n} completions.")
+    return [None if value is None else str(value) for value in column]
+
+
+class MathVerifyReward:
+    """DAPO's +-1 correctness reward (see the module docstring for the exact scores)."""
+
+    __name__ = "math_verify_reward"  # TRL logs rewards under the function name
+
+    def __init__(self, timeout_seconds: float = 5.0, max_answer_chars: int = 1000):
+        self.max_answer_chars = max_answer_chars
+        self.verifier = MathVerifier(timeout_seconds)
+
+    def score(self, completion: str, reference: str | None) -> float | None:
+        if reference is None:
+            return None
+        answer = extract_answer(completion, self.max_answer_chars)
+        if answer is None:
+            return -1.0
+        return 1.0 if self.verifier.equal(reference, answer) else -1.0
+
+    def __call__(self, completions, solution=None, answer=None, reward_model=None, **kwargs) -> list[float | None]:
+        references = reference_answers(len(completions), solution, answer, reward_model)
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # standard or conversational
+        return [self.score(text, reference) for text, reference in zip(texts, references)]
+
+
+math_verify_reward = MathVerifyReward()
+
+
+class OverlongPenalty:
+    """DAPO's soft overlong penalty on the completion length in tokens (EOS included, as in verl)."""
+
+    __name__ = "overlong_penalty"
+
+    def __init__(self, max_completion_length: int, buffer_length: int, penalty_factor: float = 1.0):
+        if not 0 < buffer_length <= max_completion_length:
+            raise ValueError(f"overlong penalty: need 0 < buffer_length ({buffer_length}) <= max_completion_length "
+                             f"({max_completion_length}).")
+        self.max_completion_length = max_completion_length
+        self.buffer_length = buffer_length
+        self.penalty_factor = penalty_factor
+
+    def penalty(self, length: int) -> float:
+        exceed = length - (self.max_completion_length - self.buffer_length)
+        return min(-exceed / self.buffer_length * self.penalty_factor, 0.0)
+
+    def __call__(self, completion_ids, **kwargs) -> list[float]:
+        return [self.penalty(len(ids)) for ids in completion_ids]
+
+
+def overlong_penalty(max_completion_length: int = 20480, buffer_length: int = 4096,
+                     penalty_factor: float = 1.0) -> OverlongPenalty:
+    """The overlong-penalty reward function for a run. Official values: 32B 20480/4096, 7B 10240/2048, factor 1."""
+    return OverlongPenalty(max_completion_length, buffer_length, penalty_factor)
+
+
+def _measure(n: int = 20) -> dict[str, float]:
+    """Rough timings of the verifier (used in the README): per-check latency, and a hard timeout plus restart."""
+    verifier = MathVerifier(timeout_seconds=2.0)
+    verifier.equal("1", "1")  # start the worker
+    start = time.perf_counter()
+    for i in range(n):
+        verifier.equal(str(i), f"\\frac{{{2 * i}}}{{2}}")
+    per_check = (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    verifier.equal("5", "(10^{10})!")
+    overrun = time.perf_counter() - start
+    verifier.close()
+    return {"per_check_s": per_check, "timeout_check_s": overrun, "timeouts": verifier.timeouts}
