@@ -1,8 +1,8 @@
-"""GPU smoke test: FIPO training on CUDA with bf16, Liger's layer kernels, and vLLM generation (colocate), on the
-tiny offline model. Run it on a GPU machine:
+"""GPU smoke test: FIPO training on CUDA with bf16, Liger's layer kernels, vLLM generation (colocate, also with
+LoRA) and QLoRA (bitsandbytes), on the tiny offline model. Run it on a GPU machine:
 
     python examples/gpu_smoke_test.py                 # every check whose requirements are installed
-    python examples/gpu_smoke_test.py --only vllm     # one check: bf16 | liger | vllm | vllm-lora
+    python examples/gpu_smoke_test.py --only vllm     # one check: bf16 | liger | vllm | vllm-lora | qlora
 
 Each check runs in its own process (Liger patches transformers' model classes process-wide) and prints
 "SMOKE OK <check>" or fails with a non-zero exit code.
@@ -21,8 +21,9 @@ CHECKS = {
     "liger": {"use_liger_kernel": True},
     "vllm": {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.2},
     "vllm-lora": {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.2, "lora": True},
+    "qlora": {"lora": True, "quantize_4bit": True},
 }
-REQUIRES = {"liger": "liger_kernel", "vllm": "vllm", "vllm-lora": "vllm"}
+REQUIRES = {"liger": "liger_kernel", "vllm": "vllm", "vllm-lora": "vllm", "qlora": "bitsandbytes"}
 
 
 def run_check(name: str, output_dir: str) -> None:
@@ -34,6 +35,11 @@ def run_check(name: str, output_dir: str) -> None:
 
     options = dict(CHECKS[name])
     lora = options.pop("lora", False)
+    if options.pop("quantize_4bit", False):  # QLoRA: a 4-bit base model under the LoRA adapter
+        from transformers import BitsAndBytesConfig
+
+        options["model_init_kwargs"] = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)}
     model_path = build_tiny_model(f"{output_dir}/base-model")
     args = FIPOConfig(output_dir=f"{output_dir}/{name}", bf16=True, per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=16, max_steps=4, learning_rate=1e-3, fipo_updates_per_generation=2,

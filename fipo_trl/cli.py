@@ -151,14 +151,33 @@ def train(argv: list[str]):
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(dataset_name=script_args.dataset_name)
     trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}")
-    if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
-        merged_dir = f"{training_args.output_dir}/merged"
-        trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
-        trainer.processing_class.save_pretrained(merged_dir)
-        trainer.accelerator.print(f"Merged model saved to {merged_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
+        save_merged_model(trainer, push=training_args.push_to_hub)
     return trainer
+
+
+def save_merged_model(trainer, push: bool) -> None:
+    """Merge the LoRA adapter into the base weights and save the result to <output_dir>/merged (loadable without
+    peft); with push, also upload it to <hub_model_id>-merged (the adapter repo keeps the FIPO card)."""
+    args = trainer.args
+    merged_dir = f"{args.output_dir}/merged"
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    trainer.processing_class.save_pretrained(merged_dir)
+    trainer.accelerator.print(f"Merged model saved to {merged_dir}")
+    if push:
+        repo_id = f"{trainer.hub_model_id}-merged"
+        try:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=args.hub_token)
+            api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=merged_dir, commit_message="Merged FIPO LoRA adapter")
+            trainer.accelerator.print(f"Merged model pushed to {repo_id}")
+        except Exception as error:  # noqa: BLE001 - a Hub failure must not lose the run: the model is on disk
+            trainer._warn_hub_failure(f"push the merged model to {repo_id!r}", error)
 
 
 def main(argv: list[str] | None = None):

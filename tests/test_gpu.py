@@ -1,5 +1,5 @@
 """GPU smoke tests: FIPO training on CUDA through examples/gpu_smoke_test.py (bf16 with the fused Triton kernel,
-Liger's layer kernels, vLLM colocate, vLLM + LoRA). Each check runs in its own process: Liger patches
+Liger's layer kernels, vLLM colocate, vLLM + LoRA, QLoRA). Each check runs in its own process: Liger patches
 transformers' model classes process-wide. Skipped without CUDA (and without liger-kernel / vLLM)."""
 
 import importlib.util
@@ -24,6 +24,7 @@ def has(module):
     pytest.param("liger", marks=pytest.mark.skipif(not has("liger_kernel"), reason="needs liger-kernel")),
     pytest.param("vllm", marks=pytest.mark.skipif(not has("vllm"), reason="needs vLLM")),
     pytest.param("vllm-lora", marks=pytest.mark.skipif(not has("vllm"), reason="needs vLLM")),
+    pytest.param("qlora", marks=pytest.mark.skipif(not has("bitsandbytes"), reason="needs bitsandbytes")),
 ])
 def test_gpu_training(check, tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--only", check, "--output_dir", str(tmp_path)],

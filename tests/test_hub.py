@@ -14,13 +14,17 @@ from hub_stand_in import HubStandIn
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "push_run.py"
 
 
-def push_run(model_path, output_dir, endpoint, token, *flags):
+def hub_env(endpoint, token):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="2",
                HF_HUB_DOWNLOAD_TIMEOUT="2")
     env.pop("TRANSFORMERS_OFFLINE", None)  # transformers turns it into HF_HUB_OFFLINE, which blocks every push
-    return subprocess.run([sys.executable, str(SCRIPT), str(model_path), str(output_dir), *flags], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return env
+
+
+def push_run(model_path, output_dir, endpoint, token, *flags):
+    return subprocess.run([sys.executable, str(SCRIPT), str(model_path), str(output_dir), *flags],
+                          env=hub_env(endpoint, token), capture_output=True, text=True, timeout=600)
 
 
 def assert_token_never_leaks(token, repo, run, output_dir):
@@ -81,3 +85,20 @@ def test_hub_down_training_continues_and_nothing_is_lost(tiny_model_path, tmp_pa
     for path in ("checkpoint-2/model.safetensors", "checkpoint-4/model.safetensors", "model.safetensors",
                  "README.md"):
         assert (out / path).exists(), path
+
+
+def test_cli_pushes_the_adapter_and_the_merged_model(tmp_path):
+    token = f"hf_{secrets.token_hex(16)}"
+    with HubStandIn(token) as hub:
+        run = subprocess.run(
+            [sys.executable, "-m", "fipo_trl.cli", "train", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+             "--save_strategy", "no", "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--merge_adapter",
+             "--push_to_hub", "--hub_model_id", "tiny-cli"],
+            env=hub_env(hub.url, token), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-4000:]
+        adapter, merged = hub.repos["fipo-user/tiny-cli"], hub.repos["fipo-user/tiny-cli-merged"]
+        assert {"adapter_model.safetensors", "README.md"} <= set(adapter.files)
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(merged.files)
+        assert not any("lora" in name for name in merged.files)
+        for repo in (adapter, merged):
+            assert_token_never_leaks(token, repo, run, tmp_path / "out")
