@@ -19,15 +19,14 @@ import platform
 import re
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fipo_trl import fipo_loss
 from fipo_trl.kernels import triton_usable
 from fipo_trl.loss import decay_to_gamma
+from fipo_trl.testing import AllocationProbe
 
 RESULTS = Path(__file__).parent / "results"
 GAMMA = decay_to_gamma(32.0)
@@ -81,33 +80,6 @@ def dapo_loss(logps, old, adv, mask, eps_low=0.2, eps_high=0.28):
     return (per_token * maskf).sum() / maskf.sum().clamp(min=1.0)
 
 
-class StorageProbe(TorchDispatchMode):
-    """Peak bytes of the tensor storages created inside the probe that are alive at the same time."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self._alive:
-                    self._alive.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(tensor, self._release, key, storage.nbytes())
-        return out
-
-    def _release(self, key, nbytes):
-        if key in self._alive:
-            self._alive.discard(key)
-            self.live -= nbytes
-
-
 def run_step(method, batch):
     logps, old, adv, mask = batch
     leaf = logps.detach().clone().requires_grad_()
@@ -151,7 +123,7 @@ def peak_memory(method, batch, device):
         run_step(method, batch)
         synchronize(device)
         return torch.cuda.max_memory_allocated() - base
-    probe = StorageProbe()
+    probe = AllocationProbe()
     with probe:
         grad = run_step(method, batch)
     del grad

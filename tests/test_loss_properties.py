@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fipo_trl import fipo_loss
 from fipo_trl.kernels import (
@@ -13,6 +12,7 @@ from fipo_trl.kernels import (
     fipo_loss_naive,
 )
 from fipo_trl.loss import decay_to_gamma
+from fipo_trl.testing import AllocationProbe
 
 
 def random_batch(B, T, *, seed=0, dtype=torch.float32, scale=0.05, holes=True):
@@ -25,37 +25,6 @@ def random_batch(B, T, *, seed=0, dtype=torch.float32, scale=0.05, holes=True):
         mask &= torch.rand(B, T, generator=g) > 0.1
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     return logps.to(dtype), old.to(dtype), adv.to(dtype), mask
-
-
-class AllocationProbe(TorchDispatchMode):
-    """Records the largest tensor any op creates, and the peak of bytes held by tensors created under the probe."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest_numel, self.live, self.peak = 0, 0, 0
-        self._seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest_numel = max(self.largest_numel, t.numel())
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self._seen:
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    storage_ref = storage  # noqa: F841 - freed when the last view dies
-                    import weakref
-
-                    weakref.finalize(t, self._release, key, storage.nbytes())
-        return out
-
-    def _release(self, key, nbytes):
-        if key in self._seen:
-            self._seen.discard(key)
-            self.live -= nbytes
 
 
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 200, 4097])
