@@ -1,6 +1,6 @@
 """Wall time of a whole optimizer step: FIPOTrainer vs GRPOTrainer (DAPO loss) on the same tiny config.
 
-    python benchmarks/bench_trainer_step.py [--steps 64] [--rounds 3]
+    python benchmarks/bench_trainer_step.py [--steps 64] [--rounds 3] [--hidden_size 64 --num_layers 2 --completion_length 32]
 
 Both trainers get the same model, data, seed and batch geometry (4 optimizer updates per generation batch, so
 FIPO's weights are live), `loss_type="dapo"`, delta 10, epsilon_high 0.28. Steps that generate are timed
@@ -37,9 +37,10 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.started)
 
 
-def run(trainer_cls, config_cls, model_path, steps, output_dir):
+def run(trainer_cls, config_cls, model_path, steps, output_dir, completion_length):
     args = config_cls(
-        output_dir=output_dir, bf16=False, per_device_train_batch_size=8, num_generations=8, max_completion_length=32,
+        output_dir=output_dir, bf16=False, per_device_train_batch_size=8, num_generations=8,
+        max_completion_length=completion_length,
         max_steps=steps, learning_rate=1e-3, steps_per_generation=4, loss_type="dapo", delta=10.0, epsilon_high=0.28,
         beta=0.0, vllm_importance_sampling_correction=False, report_to="none", logging_steps=1, save_strategy="no",
         gradient_checkpointing=False, seed=0, disable_tqdm=True,
@@ -57,21 +58,26 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_layers", type=int, default=2)
+    parser.add_argument("--completion_length", type=int, default=32)
     cli = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tmp = tempfile.mkdtemp()
-    model_path = str(build_tiny_model(f"{tmp}/model"))
+    model_path = str(build_tiny_model(f"{tmp}/model", hidden_size=cli.hidden_size, num_layers=cli.num_layers))
     times = {"GRPOTrainer (dapo)": ([], []), "FIPOTrainer": ([], [])}
     pairs = [("GRPOTrainer (dapo)", GRPOTrainer, GRPOConfig), ("FIPOTrainer", FIPOTrainer, FIPOConfig)]
     for round_ in range(cli.rounds):
         for name, trainer_cls, config_cls in pairs if round_ % 2 == 0 else pairs[::-1]:
-            generating, updating = run(trainer_cls, config_cls, model_path, cli.steps, f"{tmp}/{name}-{round_}")
+            generating, updating = run(trainer_cls, config_cls, model_path, cli.steps, f"{tmp}/{name}-{round_}",
+                                       cli.completion_length)
             times[name][0].extend(generating)
             times[name][1].extend(updating)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    lines = [f"# Optimizer step time, FIPOTrainer vs GRPOTrainer (dapo), tiny model, {device}", "",
-             f"{cli.rounds} rounds x {cli.steps} steps, 8 completions of <= 32 tokens per step, 4 updates per "
-             "generation batch; median step time in ms.", "",
+    config = f"hidden {cli.hidden_size}, {cli.num_layers} layers, completions <= {cli.completion_length} tokens"
+    lines = [f"## {config} ({device})", "",
+             f"{cli.rounds} rounds x {cli.steps} steps, 8 completions per step, 4 updates per generation batch; "
+             "median step time in ms.", "",
              "| trainer | update-only step | generating step | all steps (mean) |", "|---|---:|---:|---:|"]
     medians = {}
     for name, (generating, updating) in times.items():
@@ -84,7 +90,8 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"trainer_step_{device.replace(' ', '_').lower()}.md").write_text(text)
+    name = f"trainer_step_{device.replace(' ', '_').lower()}_h{cli.hidden_size}_l{cli.num_layers}_t{cli.completion_length}"
+    (RESULTS / f"{name}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ class FIPOLossOutput:
     stats: the sums, counts and extrema the metrics are formed from (what the trainer reduces across ranks).
     backend: the compute path that ran, "torch" (blocked-scan torch path) or "triton" (fused kernels).
     metrics (formed from ``stats`` on first access): the official metric names (SPEC §1.2) plus
-        ``future_kl_mean``, ``active``, ``filtered_ratio``, ``safety_ratio`` and ``dropped_seq_ratio``; 0-dim
-        detached tensors, NaN for an extremum of an empty set.
+        ``future_kl_mean``, ``active``, ``filtered_ratio``, ``safety_ratio`` and ``dropped_seq_ratio``; Python
+        floats, NaN for an extremum of an empty set.
     """
 
     loss: torch.Tensor
@@ -42,7 +42,7 @@ class FIPOLossOutput:
     backend: str
 
     @functools.cached_property
-    def metrics(self) -> dict[str, torch.Tensor]:
+    def metrics(self) -> dict[str, float]:
         return metrics_from_stats(self.stats)
 
 
@@ -151,16 +151,18 @@ def resolve_backend(backend: str, logps: torch.Tensor) -> str:
     return backend
 
 
-def metrics_from_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The official metrics (masked means over response tokens, as verl's ``masked_mean``) from summed stats."""
+def metrics_from_stats(stats: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """The official metrics (masked means over response tokens, as verl's ``masked_mean``) from summed stats, as
+    Python floats (tensors are brought to the host in one transfer); an extremum of an empty set is NaN."""
+    if any(isinstance(v, torch.Tensor) for v in stats.values()):
+        stats = dict(zip(stats, torch.stack([torch.as_tensor(v).double() for v in stats.values()]).tolist()))
     n = stats["n_tokens"] + MASKED_MEAN_EPS
-    nan = torch.full_like(stats["n_tokens"], float("nan"))
 
-    def low(key):  # minimum of an empty set is reported as NaN
-        return torch.where(stats[key] == math.inf, nan, stats[key])
+    def low(key):
+        return math.nan if stats[key] == math.inf else stats[key]
 
     def high(key):
-        return torch.where(stats[key] == -math.inf, nan, stats[key])
+        return math.nan if stats[key] == -math.inf else stats[key]
 
     return {
         "ppo_kl": stats["sum_neg_log_ratio"] / n,
@@ -186,7 +188,7 @@ def metrics_from_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         "active": stats["n_active"] / n,
         "filtered_ratio": stats["n_filtered"] / n,
         "safety_ratio": stats["n_safety"] / n,
-        "dropped_seq_ratio": stats["n_dropped_rows"] / stats["n_rows"].clamp(min=1),
+        "dropped_seq_ratio": stats["n_dropped_rows"] / max(stats["n_rows"], 1.0),
     }
 
 

@@ -235,15 +235,12 @@ class FIPOTrainer(GRPOTrainer):
 
     def _log_fipo_metrics(self, stats: dict[str, torch.Tensor], fused: bool) -> None:
         """Reduce the stats over all ranks (one gather, run unconditionally on every rank) and log the metrics."""
-        names = list(stats)
+        names = tuple(stats)
         gathered = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None]).view(-1, len(names))
-        reduced = {}
-        for i, name in enumerate(names):
-            column = gathered[:, i]
-            reduced[name] = column.min() if name.startswith("min_") else column.max() if name.startswith("max_") \
-                else column.sum()
+        is_min, is_max = (torch.tensor([n.startswith(prefix) for n in names], device=gathered.device)
+                          for prefix in ("min_", "max_"))
+        reduced = torch.where(is_min, gathered.amin(0), torch.where(is_max, gathered.amax(0), gathered.sum(0)))
         mode = "train" if self.model.training else "eval"
-        metrics = metrics_from_stats(reduced)
-        for name, value in zip(metrics, torch.stack(list(metrics.values())).tolist()):  # one host transfer
+        for name, value in metrics_from_stats(dict(zip(names, reduced.tolist()))).items():  # one host transfer
             self._metrics[mode][f"fipo/{name}"].append(value)
         self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: the Triton kernel, 0: the torch path

@@ -289,9 +289,17 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
             return reduce(torch.where(selector[:, 0] > 0, rows, fill))
         return reduce(shifted)
 
-    max_neg_ratio = torch.where(n_negative > 0, extreme(ratio, negative_adv, torch.amax, -inf), -inf)
-    max_pos_ratio = torch.where(n_positive > 0, extreme(ratio, positive_adv, torch.amax, -inf), -inf)
-    min_pos_ratio = torch.where(n_positive > 0, extreme(ratio, positive_adv, torch.amin, inf), inf)
+    if per_row and not empty:  # one row-wise max and min of the ratio serve all three (ratio > 0 on the response)
+        row_max = torch.amax(torch.mul(ratio, mask_f, out=scratch), -1)
+        row_min = torch.amin(torch.add(ratio, outside, out=scratch), -1)
+        negative_rows, positive_rows = negative_adv[:, 0] > 0, positive_adv[:, 0] > 0
+        max_neg_ratio = torch.where(n_negative > 0, torch.where(negative_rows, row_max, -inf).amax(), -inf)
+        max_pos_ratio = torch.where(n_positive > 0, torch.where(positive_rows, row_max, -inf).amax(), -inf)
+        min_pos_ratio = torch.where(n_positive > 0, torch.where(positive_rows, row_min, inf).amin(), inf)
+    else:
+        max_neg_ratio = torch.where(n_negative > 0, extreme(ratio, negative_adv, torch.amax, -inf), -inf)
+        max_pos_ratio = torch.where(n_positive > 0, extreme(ratio, positive_adv, torch.amax, -inf), -inf)
+        min_pos_ratio = torch.where(n_positive > 0, extreme(ratio, positive_adv, torch.amin, inf), inf)
 
     def negative_at_least(a):  # response tokens with A < 0 and ratio >= a
         return count(indicator(ratio, ">=", a), negative_adv) if may_exceed(a) else zero
@@ -305,6 +313,14 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
         pg_clipped = pg_clipped + count(indicator(ratio, "<", ratio_low), negative_adv, signed_tokens)
     has_tokens = row_tokens > 0
     any_token = n_tokens > 0
+    # exp is monotone: the extrema of exp(F) are exp of the extrema of F (F is finite, exp(F) may overflow)
+    min_future_kl = extreme(future_kl, None, torch.amin, inf)
+    max_future_kl = torch.sub(future_kl, outside, out=scratch).max() if not empty else -inf
+    if safety is None:  # f = clamp(exp F) elementwise, monotone in F: its extrema are those of F, clamped alike
+        min_weight, max_weight = (v.exp().clamp(lower, upper) for v in (min_future_kl, max_future_kl))
+    else:
+        min_weight = extreme(weights, None, torch.amin, inf)
+        max_weight = masked_weights.max() if not empty else -inf  # weights >= 0: 0 off the response never wins
     return {
         "n_tokens": n_tokens,
         "n_final_tokens": n_final,
@@ -316,14 +332,11 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
         "n_dual_clipped": dual_clipped_rows.sum(),
         "n_safety": safety.sum() if safety is not None else zero,
         "sum_weight": masked_weights.sum(),
-        # weights >= 0: a max with 0 off the response is the max over it
-        "min_weight": torch.where(any_token, extreme(weights, None, torch.amin, inf), inf),
-        "max_weight": torch.where(any_token, masked_weights.max(), -inf) if not empty else -inf,
+        "min_weight": torch.where(any_token, min_weight, inf),
+        "max_weight": torch.where(any_token, max_weight, -inf),
         "sum_raw_weight": precomputed["sum_raw_weight"],
-        # exp is monotone: the extrema of exp(F) are exp of the extrema of F (F is finite, exp(F) may overflow)
-        "min_raw_weight": torch.where(any_token, extreme(future_kl, None, torch.amin, inf).exp(), inf),
-        "max_raw_weight": torch.where(
-            any_token, torch.sub(future_kl, outside, out=scratch).max().exp(), -inf) if not empty else -inf,
+        "min_raw_weight": torch.where(any_token, min_future_kl.exp(), inf),
+        "max_raw_weight": torch.where(any_token, max_future_kl.exp(), -inf) if not empty else -inf,
         "n_upper_clipped": count(indicator(weights, ">=", upper - 1e-7)),
         "n_lower_clipped": count(indicator(weights, "<=", lower + 1e-7)),
         "n_neg_ratio_2_3": n_neg_2 - n_neg_3,

@@ -40,7 +40,7 @@ def case_kwargs(case):
 
 def assert_close(actual, expected, tol, what):
     expected = torch.as_tensor(expected, dtype=torch.float64)
-    actual = actual.detach().double()
+    actual = torch.as_tensor(actual).detach().double()
     err = (actual - expected).abs() - tol
     assert err.max().item() <= 0, f"{what}: max abs error exceeds the tolerance by {err.max().item():.3g}"
 
@@ -65,7 +65,7 @@ def reference_outputs(logps, old, adv, mask, case):
     ref = fipo_loss_naive(logps, old, adv, mask, **case_kwargs(case))
     out = fipo_loss(logps.detach(), old, adv, mask, **case_kwargs(case))
     outputs = {key: ref[key] for key in ("loss", "grad_logp", "w", "future_kl")}
-    outputs.update({f"metric:{k}": v.double() for k, v in out.metrics.items()})
+    outputs.update({f"metric:{k}": torch.tensor(v, dtype=torch.float64) for k, v in out.metrics.items()})
     return outputs
 
 
