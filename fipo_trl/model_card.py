@@ -9,6 +9,7 @@ from importlib import resources
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 CURVES_IMAGE = "training_curves.png"  # linked from the card when a run wrote it next to README.md
+INFLUENCE_PAGE = "fipo_influence/latest.html"  # written by fipo_trl.influence.TokenInfluenceCallback
 MAX_CURVE_ROWS = 12
 
 
@@ -93,12 +94,14 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
         "learning_rate": args.learning_rate, "max_steps": trainer.state.global_step or args.max_steps,
     }
     template = resources.files("fipo_trl.model_cards").joinpath("fipo_model_card.md").read_text()
-    has_curves_image = os.path.exists(os.path.join(args.output_dir, CURVES_IMAGE))
+    def artifact(path):
+        return path if os.path.exists(os.path.join(args.output_dir, path)) else None
+
     return ModelCard.from_template(
         card_data, template_str=template, model_name=model_name, base_model=base_model,
         base_model_description=base_description, dataset_name=dataset_name, is_adapter=is_adapter, repo_id=repo_id,
         fipo=fipo, curves=_curve_rows(trainer.state.log_history),
-        curves_image=CURVES_IMAGE if has_curves_image else None,
+        curves_image=artifact(CURVES_IMAGE), influence_page=artifact(INFLUENCE_PAGE),
         eval_table=[{"dataset": d, "metric": m, "value": _fmt(v)} for d, ms in eval_results.items()
                     for m, v in ms.items()],
         versions=_versions(), fipo_citation=trainer._paper["citation"],

@@ -8,5 +8,5 @@ VENV="${FIPO_VENV:-$HOME/.cache/fipo-venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 quiet() { grep -v "is ignored" || true; }  # local-index notices pip prints even with -q
 "$VENV/bin/pip" install -q "torch==2.13.0" 2>&1 | quiet
-"$VENV/bin/pip" install -q -c scripts/constraints.txt -e ".[test]" 2>&1 | quiet
+"$VENV/bin/pip" install -q -c scripts/constraints.txt -e ".[test,demo]" 2>&1 | quiet
 "$VENV/bin/python" -c "import fipo_trl, fipo_trl.kernels, trl; print('fipo_trl', fipo_trl.__version__, '| trl', trl.__version__)"
