@@ -219,7 +219,7 @@ def plot(results, methods, labels, args, name, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is missing (pip install -e '.[bench]'): no plot written")
+        print("matplotlib is missing (pip install -e '.[demo]'): no plot written")
         return
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in methods:

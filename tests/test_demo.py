@@ -1,6 +1,5 @@
 """The learning demo and the FIPO-vs-DAPO comparison run offline and leave the promised artifacts."""
 
-import html.parser
 import importlib.util
 import os
 import subprocess
@@ -13,6 +12,8 @@ import torch
 pytest.importorskip("matplotlib")
 import matplotlib.image  # noqa: E402
 
+from fipo_trl.influence import read_influence_html  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,21 +22,6 @@ def load_example(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class TokenSpans(html.parser.HTMLParser):
-    """(weight, future-KL) of every token span, grouped by completion."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "div" and attrs.get("class") == "completion":
-            self.rows.append([])
-        if tag == "span" and attrs.get("class") == "tok":
-            self.rows[-1].append((float(attrs["data-weight"]), float(attrs["data-future-kl"])))
 
 
 def test_reward_and_task():
@@ -68,16 +54,15 @@ def test_demo_writes_curves_influence_page_and_card(tmp_path):
     # The latest page is step 16, the last update, whose weights the trainer still holds.
     page = (tmp_path / "fipo_influence" / "latest.html").read_text()
     assert page == (tmp_path / "fipo_influence" / "step-16.html").read_text()
-    parser = TokenSpans()
-    parser.feed(page)
+    rows = read_influence_html(page)
     batch = trainer.fipo_last_batch
-    assert 0 < len(parser.rows) == min(8, batch["completion_ids"].shape[0])
-    for row, spans in enumerate(parser.rows):
+    assert 0 < len(rows) == min(8, batch["completion_ids"].shape[0])
+    for row, spans in enumerate(rows):
         mask = batch["mask"][row]
         assert len(spans) == int(mask.sum())  # one shaded span per completion token
-        assert [w for w, _ in spans] == batch["weights"][row][mask].tolist()  # the trainer's own weights
-        assert [f for _, f in spans] == batch["future_kl"][row][mask].tolist()
-    assert any(f != 0 for spans in parser.rows for _, f in spans)  # step 16 is off-policy: the Future-KL is live
+        assert [w for w, _, _ in spans] == batch["weights"][row][mask].tolist()  # the trainer's own weights
+        assert [f for _, f, _ in spans] == batch["future_kl"][row][mask].tolist()
+    assert any(f != 0 for spans in rows for _, f, _ in spans)  # step 16 is off-policy: the Future-KL is live
 
     assert 0 <= results["greedy_accuracy_before"] <= 1 and 0 <= results["greedy_accuracy_after"] <= 1
     assert (tmp_path / "demo_results.json").exists()

@@ -1,26 +1,11 @@
 """The token-influence view reads the trainer's own weights and shades one span per completion token."""
 
-import html.parser
-
 import torch
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl.influence import TokenInfluenceCallback
+from fipo_trl.influence import TokenInfluenceCallback, read_influence_html
 from fipo_trl.testing import digit_reward, tiny_prompt_dataset
-
-
-class Spans(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "div" and attrs.get("class") == "completion":
-            self.rows.append([])
-        if tag == "span" and attrs.get("class") == "tok":
-            self.rows[-1].append((float(attrs["data-weight"]), float(attrs["data-future-kl"]), attrs["style"]))
 
 
 def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):
@@ -43,18 +28,17 @@ def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):
     assert [p.rsplit("/", 1)[1] for p in view.written] == ["step-2.html", "step-4.html"]
     page = (tmp_path / "fipo_influence" / "step-4.html").read_text()
     assert page == (tmp_path / "fipo_influence" / "latest.html").read_text()
-    parser = Spans()
-    parser.feed(page)
+    rows = read_influence_html(page)
     batch = seen[4]
-    assert len(parser.rows) == batch["completion_ids"].shape[0]
-    for row, spans in enumerate(parser.rows):
+    assert len(rows) == batch["completion_ids"].shape[0]
+    for row, spans in enumerate(rows):
         mask = batch["mask"][row]
         assert len(spans) == int(mask.sum())  # one span per completion token
         assert [s[0] for s in spans] == batch["weights"][row][mask].tolist()  # the trainer's weights, exactly
         assert [s[1] for s in spans] == batch["future_kl"][row][mask].tolist()
-    shaded = [s for spans in parser.rows for s in spans if s[0] > 1]
+    shaded = [s for spans in rows for s in spans if s[0] > 1]
     assert shaded and all("rgba(255, 140, 0" in s[2] for s in shaded)
-    assert all(s[2].endswith("0)") for spans in parser.rows for s in spans if s[0] == 1)
+    assert all(s[2].endswith("0)") for spans in rows for s in spans if s[0] == 1)
 
 
 def test_every_n_steps_is_validated(tiny_model_path):
