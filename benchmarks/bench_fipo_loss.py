@@ -5,7 +5,9 @@
 Methods, B = 8, fp32, each forward+backward with the metrics where the method has them:
   (a) official: chunked decay-matrix matmul (chunk 128) on a log-ratio that still requires grad (SPEC §1.1 step 3)
   (b) official, detached: the same on a detached log-ratio
-  (c) fipo_loss(backend="torch"): our O(T) path (validation and metrics included)
+  (c) fipo_loss(backend="torch"): our O(T) torch path (validation and metrics included)
+  (c') fipo_loss(backend="cpu"): the fused C kernel, what fipo_loss runs on CPU (validation and metrics included;
+       its own memory outside torch, B x 26 doubles and 8 KiB of stack, is not in the probe)
   (d) fipo_loss(backend="triton"): the fused kernels (CUDA only)
   (e) DAPO: TRL's plain token-level clipped loss on the same tensors (the floor)
 Memory: torch.cuda.max_memory_allocated on CUDA; on CPU, a TorchDispatchMode probe that tracks the storages the
@@ -25,6 +27,7 @@ import torch
 
 from fipo_trl import fipo_loss
 from fipo_trl.kernels import triton_usable
+from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable
 from fipo_trl.loss import decay_to_gamma
 from fipo_trl.testing import AllocationProbe
 
@@ -87,7 +90,7 @@ def run_step(method, batch):
         loss = official_loss(leaf, old, adv, mask, detach_log_ratio=False)
     elif method == "official_detached":
         loss = official_loss(leaf, old, adv, mask, detach_log_ratio=True)
-    elif method in ("fipo_torch", "fipo_triton"):
+    elif method in ("fipo_torch", "fipo_triton", "fipo_cpu"):
         out = fipo_loss(leaf, old, adv, mask, backend=method.split("_")[1])
         loss = out.loss
         _ = [v for v in out.metrics.values()]
@@ -162,11 +165,14 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     methods = ["official", "official_detached", "fipo_torch"]
+    if device.type == "cpu" and cpu_kernel_usable():
+        methods.append("fipo_cpu")
     if triton_usable(device) and device.type == "cuda":
         methods.append("fipo_triton")
     methods.append("dapo")
     labels = {"official": "(a) official, grad log-ratio", "official_detached": "(b) official, detached",
-              "fipo_torch": "(c) fipo_loss torch", "fipo_triton": "(d) fipo_loss triton", "dapo": "(e) TRL DAPO"}
+              "fipo_torch": "(c) fipo_loss torch path", "fipo_cpu": "(c') fipo_loss C kernel",
+              "fipo_triton": "(d) fipo_loss triton", "dapo": "(e) TRL DAPO"}
 
     results = {}  # (method, T) -> (seconds, bytes)
     for T in args.lengths:
@@ -197,6 +203,13 @@ def main():
             seconds, nbytes = results[method, T]
             lines.append(f"| {T} | {labels[method]} | {seconds * 1e3:.2f} | {seconds * 1e9 / (args.batch * T):.1f} | "
                          f"{nbytes / 2**20:.1f} | {seconds / floor_time:.2f}x | {nbytes / max(floor_mem, 1):.2f}x |")
+    lines += ["", "Time per token across T (linear cost means flat): spread = (max - min) / (max + min), i.e. +- around "
+              "the midpoint.", "", "| method | ns / token, min | ns / token, max | spread |", "|---|---:|---:|---:|"]
+    for method in methods:
+        per_token = [results[method, T][0] * 1e9 / (args.batch * T) for T in args.lengths if (method, T) in results]
+        if len(per_token) > 1:
+            low, high = min(per_token), max(per_token)
+            lines.append(f"| {labels[method]} | {low:.1f} | {high:.1f} | +-{100 * (high - low) / (high + low):.0f}% |")
     weight_kernel, loss_forward, backward = bytes_per_token_estimate()
     lines += ["", "GPU bytes moved per token by the fused kernels (estimate, fp32 inputs, (B,) advantages; bf16 "
               "log-probs save 4 B): weight kernel "

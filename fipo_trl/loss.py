@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fipo_trl.kernels.fipo_torch import MASKED_MEAN_EPS, fipo_loss_torch
+from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable, fipo_loss_cpu
+from fipo_trl.kernels.fipo_torch import MASKED_MEAN_EPS, fipo_loss_torch, non_finite_error
 from fipo_trl.kernels.fipo_triton import fipo_loss_triton, triton_usable
 
 SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
 @dataclass
@@ -93,6 +94,11 @@ def check_hyperparameters(
              "Use the official 10.0.")
 
 
+@functools.lru_cache(maxsize=64)  # fipo_loss checks the same values on every micro-batch; errors are not cached
+def _check_hyperparameters_once(**hyperparameters) -> None:
+    check_hyperparameters(**hyperparameters)
+
+
 def _check_tensors(logps, old_logps, advantages, mask) -> None:
     for arg, value in (("logps", logps), ("old_logps", old_logps), ("advantages", advantages), ("mask", mask)):
         if not isinstance(value, torch.Tensor):
@@ -132,30 +138,40 @@ def _check_finite(logps, old_logps, advantages, mask) -> None:
         adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(mask)
         bad_adv = mask & ~torch.isfinite(adv)
         n_ratio, n_adv = int(bad_ratio.sum()), int(bad_adv.sum())
-    if n_ratio:
-        raise ValueError(f"fipo_loss: {n_ratio} unmasked token(s) have a NaN log-ratio (`logps` or `old_logps` is "
-                         "NaN there, or both are the same infinity). Mask those tokens out or fix the log-probs.")
-    if n_adv:
-        raise ValueError(f"fipo_loss: {n_adv} unmasked token(s) have a non-finite advantage. "
-                         "Replace NaN/inf advantages (e.g. with 0) or mask those tokens out.")
+    if n_ratio or n_adv:
+        raise non_finite_error(n_ratio, n_adv)
 
 
 def resolve_backend(backend: str, logps: torch.Tensor) -> str:
-    """"auto": the fused Triton kernels for CUDA tensors when Triton is installed, else the torch path. Float64 is
-    the reference dtype and always runs in torch (the kernels compute in float32)."""
+    """"auto": the fused Triton kernels for CUDA tensors when Triton is installed, the fused C kernel for CPU tensors
+    when it builds, else the torch path. Float64 is the reference dtype and always runs in torch (the fused kernels
+    compute in float32)."""
     if backend not in BACKENDS:
         raise ValueError(f"fipo_loss: `backend` = {backend!r} is invalid: use one of {BACKENDS}.")
-    if backend == "auto":
-        use_triton = logps.is_cuda and logps.dtype != torch.float64 and triton_usable(logps.device)
-        return "triton" if use_triton else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if logps.dtype == torch.float64:
+        return "torch"
+    if logps.is_cuda:
+        return "triton" if triton_usable(logps.device) else "torch"
+    return "cpu" if logps.device.type == "cpu" and cpu_kernel_usable() else "torch"
+
+
+def stack_stats(stats: dict[str, float | torch.Tensor]) -> torch.Tensor:
+    """The stats as one 1-D tensor in key order (one stack when they are tensors of one dtype, as every path gives)."""
+    values = list(stats.values())
+    if all(isinstance(v, float) for v in values):
+        return torch.tensor(values, dtype=torch.float64)
+    if all(isinstance(v, torch.Tensor) and v.dtype == values[0].dtype for v in values):
+        return torch.stack(values)
+    return torch.stack([torch.as_tensor(v).double() for v in values])
 
 
 def metrics_from_stats(stats: dict[str, float | torch.Tensor]) -> dict[str, float]:
     """The official metrics (masked means over response tokens, as verl's ``masked_mean``) from summed stats, as
     Python floats (tensors are brought to the host in one transfer); an extremum of an empty set is NaN."""
     if any(isinstance(v, torch.Tensor) for v in stats.values()):
-        stats = dict(zip(stats, torch.stack([torch.as_tensor(v).double() for v in stats.values()]).tolist()))
+        stats = dict(zip(stats, stack_stats(stats).tolist()))
     n = stats["n_tokens"] + MASKED_MEAN_EPS
 
     def low(key):
@@ -228,14 +244,15 @@ def fipo_loss(
     (official), so +-inf log-probs at response tokens give finite values with zero gradient there; a NaN
     log-ratio or a non-finite advantage at a response token raises ValueError rather than return a NaN loss.
     """
-    check_hyperparameters(decay_rate=decay_rate, clip_ratio=clip_ratio, clip_high_only=clip_high_only,
+    _check_hyperparameters_once(decay_rate=decay_rate, clip_ratio=clip_ratio, clip_high_only=clip_high_only,
                           safety_threshold=safety_threshold, dual_clip=dual_clip, epsilon_low=epsilon_low,
                           epsilon_high=epsilon_high)
     _check_tensors(logps, old_logps, advantages, mask)
     mask = mask if mask.dtype == torch.bool else mask != 0
     chosen = resolve_backend(backend, logps)
-    _check_finite(logps, old_logps, advantages, mask)
-    compute = fipo_loss_triton if chosen == "triton" else fipo_loss_torch
+    if chosen != "cpu":  # the C kernel checks finiteness in its own pass
+        _check_finite(logps, old_logps, advantages, mask)
+    compute = {"cpu": fipo_loss_cpu, "torch": fipo_loss_torch, "triton": fipo_loss_triton}[chosen]
     result = compute(
         logps, old_logps, advantages, mask, gamma=decay_to_gamma(decay_rate), clip_ratio=clip_ratio,
         clip_high_only=clip_high_only, safety_threshold=safety_threshold, dual_clip=dual_clip,

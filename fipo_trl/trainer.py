@@ -20,7 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
 from fipo_trl.dynamic_sampling import DynamicSampler
-from fipo_trl.loss import fipo_loss, metrics_from_stats
+from fipo_trl.loss import fipo_loss, metrics_from_stats, stack_stats
 from fipo_trl.model_card import render_model_card
 
 logger = logging.get_logger(__name__)
@@ -101,7 +101,7 @@ class FIPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
-        self.fipo_backend: str | None = None  # which fipo_loss path computes the weights: "triton" or "torch"
+        self.fipo_backend: str | None = None  # which fipo_loss path computes the weights: "triton", "cpu" or "torch"
         self._last_rewards_per_func: torch.Tensor | None = None  # TRL's last rewards, read by dynamic sampling
         self._dynamic_sampler = DynamicSampler(self) if self.args.dynamic_sampling else None
 
@@ -224,7 +224,7 @@ class FIPOTrainer(GRPOTrainer):
         per_token = advantages[:, None] if advantages.dim() == 1 else advantages
         batch["advantages"] = (per_token * scale).to(advantages.dtype)
         batch.weighted = True
-        self._log_fipo_metrics(out.stats, fused=out.backend == "triton")
+        self._log_fipo_metrics(out.stats, fused=out.backend in ("triton", "cpu"))
         if self.fipo_backend != out.backend:
             self.fipo_backend = out.backend
             logger.info(f"FIPO weights are computed by the {out.backend} path on {logps.device}.")
@@ -236,11 +236,12 @@ class FIPOTrainer(GRPOTrainer):
     def _log_fipo_metrics(self, stats: dict[str, torch.Tensor], fused: bool) -> None:
         """Reduce the stats over all ranks (one gather, run unconditionally on every rank) and log the metrics."""
         names = tuple(stats)
-        gathered = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None]).view(-1, len(names))
+        local = stack_stats(stats).to(self.accelerator.device, torch.float32)
+        gathered = self.accelerator.gather(local[None]).view(-1, len(names))
         is_min, is_max = (torch.tensor([n.startswith(prefix) for n in names], device=gathered.device)
                           for prefix in ("min_", "max_"))
         reduced = torch.where(is_min, gathered.amin(0), torch.where(is_max, gathered.amax(0), gathered.sum(0)))
         mode = "train" if self.model.training else "eval"
         for name, value in metrics_from_stats(dict(zip(names, reduced.tolist()))).items():  # one host transfer
             self._metrics[mode][f"fipo/{name}"].append(value)
-        self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: the Triton kernel, 0: the torch path
+        self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: a fused kernel (Triton or C), 0: torch

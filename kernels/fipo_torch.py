@@ -34,7 +34,8 @@ class FIPOTorchResult(NamedTuple):
     weights: torch.Tensor  # (B, T) detached influence weights f, after clip and safety rule
     future_kl: torch.Tensor  # (B, T) detached F
     keep: torch.Tensor  # (B,) bool, False for responses dropped by the sequence filter
-    stats: dict[str, torch.Tensor]  # 0-dim sums / counts / extrema from which the metrics are formed
+    stats: dict[str, torch.Tensor | float]  # sums / counts / extrema from which the metrics are formed (0-dim
+    # tensors on the tensor paths, Python floats from the C kernel, which has them on the host already)
 
 
 @contextlib.contextmanager
@@ -85,6 +86,16 @@ def discounted_reverse_cumsum(x: torch.Tensor, gamma: float, block_size: int = S
             y = (blocks @ decay).addr_(carry, to_next_block)
     y = y.reshape(*x.shape[:-1], n_blocks * K)
     return y if n_blocks * K == T else y[..., :T]
+
+
+def non_finite_error(n_nan_log_ratio: int, n_bad_advantage: int) -> ValueError:
+    """The error for response tokens whose inputs would make the loss NaN (``fipo_loss`` raises it)."""
+    if n_nan_log_ratio:
+        return ValueError(f"fipo_loss: {n_nan_log_ratio} unmasked token(s) have a NaN log-ratio (`logps` or "
+                          "`old_logps` is NaN there, or both are the same infinity). Mask those tokens out or fix "
+                          "the log-probs.")
+    return ValueError(f"fipo_loss: {n_bad_advantage} unmasked token(s) have a non-finite advantage. "
+                      "Replace NaN/inf advantages (e.g. with 0) or mask those tokens out.")
 
 
 def weight_bounds(clip_ratio: float, clip_high_only: bool) -> tuple[float, float]:

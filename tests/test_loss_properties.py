@@ -11,6 +11,7 @@ from fipo_trl.kernels import (
     discounted_reverse_cumsum_naive,
     fipo_loss_naive,
 )
+from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable
 from fipo_trl.loss import decay_to_gamma
 from fipo_trl.testing import AllocationProbe
 
@@ -36,14 +37,18 @@ def test_blocked_scan_matches_sequential_recursion(T, gamma):
     torch.testing.assert_close(discounted_reverse_cumsum(x.float(), gamma).double(), expected, rtol=0, atol=2e-5)
 
 
-def test_long_rows_fp32_weights_match_float64_reference():
-    """T = 32,768 (official max response 20,480, 7B context 32K): fp32 weights within 1e-5 of float64."""
+CPU_PATHS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not cpu_kernel_usable(), reason="no C kernel"))]
+
+
+@pytest.mark.parametrize("backend", CPU_PATHS)
+def test_long_rows_fp32_weights_match_float64_reference(backend):
+    """T = 32,768 (official max response 20,480, 7B context 32K): fp32 weights within 1e-5 of float64, on both CPU
+    paths (the torch blocked scan and the C kernel)."""
     B, T = 2, 32768
     logps, old, adv, mask = random_batch(B, T, seed=1, dtype=torch.float64, scale=0.02)
-    ref = fipo_loss_naive(logps, old, adv, mask)
     for clip_ratio, high_only in ((0.2, True), (0.2, False), (0.0, True)):
         out = fipo_loss(logps.float(), old.float(), adv.float(), mask, clip_ratio=clip_ratio,
-                        clip_high_only=high_only)
+                        clip_high_only=high_only, backend=backend)
         ref = fipo_loss_naive(logps, old, adv, mask, clip_ratio=clip_ratio, clip_high_only=high_only)
         assert (out.weights.double() - ref["w"]).abs().max() <= 1e-5
         # F itself grows to |F| ~ 1/(1 - gamma) * |delta| ~ 1; hold it to 1e-5 relative
@@ -51,14 +56,16 @@ def test_long_rows_fp32_weights_match_float64_reference():
         assert abs(out.loss.item() - ref["loss"].item()) <= 1e-5
 
 
-def test_weight_computation_memory_is_linear_in_T():
+@pytest.mark.parametrize("backend", CPU_PATHS)
+def test_weight_computation_memory_is_linear_in_T(backend):
     """No T x T or T x chunk tensor is ever created: the largest allocation is O(B * T) and the peak of live bytes
-    stays a small multiple of one (B, T) fp32 tensor. The official code would allocate T^2 * 4 bytes = 4 GiB here."""
+    stays a small multiple of one (B, T) fp32 tensor. The official code would allocate T^2 * 4 bytes = 4 GiB here.
+    (The C kernel's own memory, outside torch, is B x 26 doubles and 8 KiB of stack per chunk.)"""
     B, T = 2, 32768
     logps, old, adv, mask = random_batch(B, T, seed=2)
     probe = AllocationProbe()
     with probe, torch.no_grad():
-        out = fipo_loss(logps, old, adv, mask)
+        out = fipo_loss(logps, old, adv, mask, backend=backend)
     row_bytes = B * T * 4
     assert out.weights.shape == (B, T)
     assert probe.largest_numel <= 2 * B * T, probe.largest_numel  # float64 intermediates count double at most
