@@ -235,13 +235,15 @@ class FIPOTrainer(GRPOTrainer):
 
     def _log_fipo_metrics(self, stats: dict[str, torch.Tensor], fused: bool) -> None:
         """Reduce the stats over all ranks (one gather, run unconditionally on every rank) and log the metrics."""
-        names = tuple(stats)
-        local = stack_stats(stats).to(self.accelerator.device, torch.float32)
-        gathered = self.accelerator.gather(local[None]).view(-1, len(names))
-        is_min, is_max = (torch.tensor([n.startswith(prefix) for n in names], device=gathered.device)
-                          for prefix in ("min_", "max_"))
-        reduced = torch.where(is_min, gathered.amin(0), torch.where(is_max, gathered.amax(0), gathered.sum(0)))
+        if self.accelerator.num_processes > 1:
+            names = tuple(stats)
+            local = stack_stats(stats).to(self.accelerator.device, torch.float32)
+            gathered = self.accelerator.gather(local[None]).view(-1, len(names))
+            is_min, is_max = (torch.tensor([n.startswith(prefix) for n in names], device=gathered.device)
+                              for prefix in ("min_", "max_"))
+            reduced = torch.where(is_min, gathered.amin(0), torch.where(is_max, gathered.amax(0), gathered.sum(0)))
+            stats = dict(zip(names, reduced.tolist()))  # one host transfer
         mode = "train" if self.model.training else "eval"
-        for name, value in metrics_from_stats(dict(zip(names, reduced.tolist()))).items():  # one host transfer
+        for name, value in metrics_from_stats(stats).items():
             self._metrics[mode][f"fipo/{name}"].append(value)
         self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: a fused kernel (Triton or C), 0: torch
