@@ -104,6 +104,8 @@ def _library() -> ctypes.CDLL | None:
         _status = f"built with {compiler} {' '.join(flags)} at {target}"
         return library
     _status = f"compiling {SOURCE.name} with {compiler} failed (see the debug log of {__name__})"
+    logger.warning("fipo_trl: the fused CPU kernel is unavailable, %s; fipo_loss uses the slower torch path on CPU.",
+                   _status)
     return None
 
 
@@ -144,6 +146,7 @@ def fipo_loss_cpu(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip
                         "go through backend='torch'.")
     needs_grad = torch.is_grad_enabled() and logps.requires_grad
     B, T = logps.shape
+    mask = mask if mask.dtype == torch.bool else mask != 0
     inputs = [_as_float32(t) for t in (logps, old_logps, advantages)] + [mask.contiguous()]  # bool: one byte each
     weights, future_kl = torch.empty(B, T), torch.empty(B, T)
     grad = torch.empty(B, T) if needs_grad else None

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -277,7 +278,8 @@ def test_c_kernel_builds_once_into_the_cache_even_when_processes_race(tmp_path):
 
 
 @pytest.mark.parametrize(("env", "reason"), [({"FIPO_TRL_CPU_KERNEL": "0"}, "disabled by FIPO_TRL_CPU_KERNEL=0"),
-                                             ({"CC": "/nonexistent/cc"}, "no C compiler found")])
+                                             ({"CC": "/nonexistent/cc"}, "no C compiler found"),
+                                             ({"CC": shutil.which("false") or "/bin/false"}, "failed")])
 def test_without_the_c_kernel_cpu_falls_back_to_the_torch_path(tmp_path, env, reason):
     stdout = run_python(REPORT_BACKEND, FIPO_TRL_CACHE=str(tmp_path), **env)
     assert "BACKEND torch" in stdout and reason in stdout
