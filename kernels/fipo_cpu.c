@@ -1,12 +1,13 @@
-/* Fused FIPO loss for CPU: the Triton row kernel (fipo_triton.py) as one C loop per row.
+/* Fused FIPO loss for CPU: what the Triton row kernel (fipo_triton.py) does, as one pass per row in C.
  *
  * Built on first use by fipo_cpu.py with the system C compiler (the one Triton itself needs) and called through
- * ctypes: plain C, no torch headers, so it compiles in well under a second and does not depend on the torch ABI.
+ * ctypes: plain C, no torch headers, so it compiles in about a second and does not depend on the torch ABI.
  *
  * One read of the inputs, one write of f, F and (optionally) the per-token gradient, nothing else per token. Each
- * row is walked from its end, so the discounted reverse scan is the recursion F_t = x_t + gamma * F_{t+1} with a
- * double carry. Per-token values are float (as the fp32 torch and Triton paths); sums are double. The row partial
- * sums are reduced here too, so the caller gets the loss, the metrics' stats and the sequence filter in one call.
+ * row is walked from its end in chunks, so the discounted reverse scan is the recursion F_t = x_t + gamma * F_{t+1}
+ * with a double carry, between two vectorised elementwise loops. Per-token values are float (as the fp32 torch and
+ * Triton paths); chunk sums are float and row sums double. The row partial sums are reduced here too, so the caller
+ * gets the loss, the metrics' stats and the sequence filter in one call.
  *
  * Semantics: SPEC §1.1, the same operation order as fipo_triton._fipo_row_kernel (the tests check both against
  * the torch path and the float64 reference).
