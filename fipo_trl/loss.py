@@ -26,10 +26,12 @@ class FIPOLossOutput:
 
     loss: scalar, the official token mean over the kept tokens; differentiable w.r.t. ``logps`` only.
     weights: (B, T) detached influence weights f (after the clip and the safety rule).
+    weighted_advantages: (B, T) detached A * f, 0 off the response (written by the fused kernels in their pass).
     future_kl: (B, T) detached discounted Future-KL F.
     keep: (B,) bool, False for responses dropped by the sequence filter (> 1 dual-clipped token).
     stats: the sums, counts and extrema the metrics are formed from (what the trainer reduces across ranks).
-    backend: the compute path that ran, "torch" (blocked-scan torch path) or "triton" (fused kernels).
+    backend: the compute path that ran: "triton" (fused kernels, CUDA), "cpu" (fused C kernel) or "torch"
+        (blocked-scan torch path).
     metrics (formed from ``stats`` on first access): the official metric names (SPEC §1.2) plus
         ``future_kl_mean``, ``active``, ``filtered_ratio``, ``safety_ratio`` and ``dropped_seq_ratio``; Python
         floats, NaN for an extremum of an empty set.
@@ -39,8 +41,9 @@ class FIPOLossOutput:
     weights: torch.Tensor
     future_kl: torch.Tensor
     keep: torch.Tensor
-    stats: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor | float]  # 0-dim tensors, or Python floats from the C kernel
     backend: str
+    weighted_advantages: torch.Tensor
 
     @functools.cached_property
     def metrics(self) -> dict[str, float]:
@@ -236,7 +239,8 @@ def fipo_loss(
         dual_clip: c; the dual-clip constant, the Future-KL ratio filter (ratio > c is left out of F) and the
             sequence filter (a response with > 1 token with A < 0 and ratio > c is dropped).
         epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high].
-        backend: "auto" (CUDA tensors: the fused Triton kernels when available; otherwise the torch path), "torch",
+        backend: "auto" (CUDA tensors: the fused Triton kernels when available; CPU tensors: the fused C kernel
+            when it builds; otherwise, and for float64, the torch path), "cpu", "torch",
             or "triton" (explicit, for tests and benchmarks; on CPU tensors only under TRITON_INTERPRET=1, else a
             RuntimeError). ``FIPOLossOutput.backend`` says which path ran.
 
@@ -260,5 +264,5 @@ def fipo_loss(
     )
     return FIPOLossOutput(
         loss=result.loss, weights=result.weights, future_kl=result.future_kl, keep=result.keep,
-        stats=result.stats, backend=chosen,
+        stats=result.stats, backend=chosen, weighted_advantages=result.weighted_advantages,
     )

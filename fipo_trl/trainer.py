@@ -215,14 +215,14 @@ class FIPOTrainer(GRPOTrainer):
             safety_threshold=args.fipo_safety_threshold, dual_clip=args.delta, epsilon_low=args.epsilon,
             epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
         )
-        scale = out.weights
+        weighted = out.weighted_advantages  # A * f (0 off the response), written by the kernel in its one pass
         if args.fipo_sequence_filter:
-            scale = scale * out.keep[:, None]
+            row_scale = out.keep.to(weighted.dtype)
             if args.loss_type == "bnpo":  # drop the filtered completions from the token-mean denominator as well
                 kept_tokens = (mask & out.keep[:, None]).sum()
-                scale = scale * (mask.sum() / kept_tokens.clamp(min=1))
-        per_token = advantages[:, None] if advantages.dim() == 1 else advantages
-        batch["advantages"] = (per_token * scale).to(advantages.dtype)
+                row_scale = row_scale * (mask.sum() / kept_tokens.clamp(min=1))
+            weighted = weighted * row_scale[:, None]
+        batch["advantages"] = weighted.to(advantages.dtype)
         batch.weighted = True
         self._log_fipo_metrics(out.stats, fused=out.backend in ("triton", "cpu"))
         if self.fipo_backend != out.backend:

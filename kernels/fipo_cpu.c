@@ -3,7 +3,7 @@
  * Built on first use by fipo_cpu.py with the system C compiler (the one Triton itself needs) and called through
  * ctypes: plain C, no torch headers, so it compiles in about a second and does not depend on the torch ABI.
  *
- * One read of the inputs, one write of f, F and (optionally) the per-token gradient, nothing else per token. Each
+ * One read of the inputs, one write of f, A * f, F and (optionally) the per-token gradient, nothing else per token. Each
  * row is walked from its end in chunks, so the discounted reverse scan is the recursion F_t = x_t + gamma * F_{t+1}
  * with a double carry, between two vectorised elementwise loops. Per-token values are float (as the fp32 torch and
  * Triton paths); chunk sums are float and row sums double. The row partial sums are reduced here too, so the caller
@@ -82,7 +82,7 @@ static inline float exp_f32(float x)
  * F_t = x_t + gamma * F_{t+1} (the only serial part), (c) elementwise weights, loss, gradient and metric sums. */
 VECTOR_CLONES static void fipo_row(const float *logps, const float *old, const float *adv, int adv_per_token,
                      const uint8_t *mask, int64_t T, const params_t *p,
-                     float *weights, float *future_kl, float *grad, double *s)
+                     float *weights, float *future_kl, float *weighted_adv, float *grad, double *s)
 {
     /* Chunk temporaries. Everything in the two elementwise loops is float (0/1 floats for the conditions): a mixed
      * uint8/int/float loop body does not vectorize with GCC. */
@@ -146,6 +146,7 @@ VECTOR_CLONES static void fipo_row(const float *logps, const float *old, const f
 
             /* dual-clip PPO surrogate on the weighted advantage */
             const float wa = a * w;
+            weighted_adv[lo + i] = wa;
             const float loss1 = -wa * ratio;
             const float loss2 = -wa * MIN(MAX(ratio, rl), rh);
             const float clip_loss = MAX(loss1, loss2);
@@ -195,14 +196,14 @@ VECTOR_CLONES static void fipo_row(const float *logps, const float *old, const f
 }
 
 /* Returns 0, or -1 when the row scratch could not be allocated. adv_per_token: advantages are (B, T), else (B,).
- * out: N_OUT doubles (the stats, the loss, the NaN log-ratio and non-finite advantage counts); keep: (B,) 0/1;
+ * weights, future_kl, weighted_adv (A * f, 0 off the response): (B, T) outputs, written everywhere. out: N_OUT doubles (the stats, the loss, the NaN log-ratio and non-finite advantage counts); keep: (B,) 0/1;
  * row_scale: (B,) keep_b / (kept tokens + 1e-8), the backward's factor; loss: the loss as float; grad may be NULL
  * (no gradient wanted). */
 int fipo_cpu_forward(const float *logps, const float *old, const float *adv, int adv_per_token, const uint8_t *mask,
                      int64_t B, int64_t T, double gamma, double lower, double upper,
                      double safety_threshold, double dual_clip, double ratio_low, double ratio_high,
-                     float *weights, float *future_kl, float *grad, uint8_t *keep, float *row_scale, float *loss,
-                     double *out)
+                     float *weights, float *future_kl, float *weighted_adv, float *grad, uint8_t *keep,
+                     float *row_scale, float *loss, double *out)
 {
     params_t p = {
         .lower = (float)lower, .upper = (float)upper,
@@ -214,7 +215,8 @@ int fipo_cpu_forward(const float *logps, const float *old, const float *adv, int
     if (!rows) return -1;
     for (int64_t b = 0; b < B; ++b) {
         fipo_row(logps + b * T, old + b * T, adv + (adv_per_token ? b * T : b), adv_per_token, mask + b * T,
-                 T, &p, weights + b * T, future_kl + b * T, grad ? grad + b * T : NULL, rows + b * N_ROW);
+                 T, &p, weights + b * T, future_kl + b * T, weighted_adv + b * T, grad ? grad + b * T : NULL,
+                 rows + b * N_ROW);
     }
 
     for (int i = 0; i < N_OUT; ++i) out[i] = 0.0;

@@ -99,7 +99,7 @@ def _library() -> ctypes.CDLL | None:
         library.fipo_cpu_forward.restype = ctypes.c_int
         library.fipo_cpu_forward.argtypes = (
             [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-            + [ctypes.c_double] * 7 + [ctypes.c_void_p] * 7
+            + [ctypes.c_double] * 7 + [ctypes.c_void_p] * 8
         )
         _status = f"built with {compiler} {' '.join(flags)} at {target}"
         return library
@@ -148,7 +148,7 @@ def fipo_loss_cpu(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip
     B, T = logps.shape
     mask = mask if mask.dtype == torch.bool else mask != 0
     inputs = [_as_float32(t) for t in (logps, old_logps, advantages)] + [mask.contiguous()]  # bool: one byte each
-    weights, future_kl = torch.empty(B, T), torch.empty(B, T)
+    weights, future_kl, weighted_advantages = torch.empty(B, T), torch.empty(B, T), torch.empty(B, T)
     grad = torch.empty(B, T) if needs_grad else None
     keep = torch.empty(B, dtype=torch.bool)
     row_scale, loss, out = torch.empty(B), torch.empty(()), torch.empty(N_OUT, dtype=torch.float64)
@@ -156,7 +156,7 @@ def fipo_loss_cpu(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip
     status = library.fipo_cpu_forward(
         inputs[0].data_ptr(), inputs[1].data_ptr(), inputs[2].data_ptr(), int(advantages.dim() == 2),
         inputs[3].data_ptr(), B, T, gamma, lower, upper, safety_threshold, dual_clip,
-        1.0 - epsilon_low, 1.0 + epsilon_high, weights.data_ptr(), future_kl.data_ptr(),
+        1.0 - epsilon_low, 1.0 + epsilon_high, weights.data_ptr(), future_kl.data_ptr(), weighted_advantages.data_ptr(),
         grad.data_ptr() if needs_grad else None, keep.data_ptr(), row_scale.data_ptr(), loss.data_ptr(),
         out.data_ptr(),
     )
@@ -167,7 +167,7 @@ def fipo_loss_cpu(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip
         raise non_finite_error(int(values[_BAD_RATIO]), int(values[_BAD_ADV]))
     if needs_grad:
         loss = _LossWithStoredGradient.apply(logps, loss, grad, row_scale)
-    return FIPOTorchResult(loss, weights, future_kl, keep, dict(zip(STATS_KEYS, values)))
+    return FIPOTorchResult(loss, weights, future_kl, keep, dict(zip(STATS_KEYS, values)), weighted_advantages)
 
 
 __all__ = ["CHUNK_SIZE", "STATS_KEYS", "cpu_kernel_status", "cpu_kernel_usable", "fipo_loss_cpu"]

@@ -36,6 +36,7 @@ class FIPOTorchResult(NamedTuple):
     keep: torch.Tensor  # (B,) bool, False for responses dropped by the sequence filter
     stats: dict[str, torch.Tensor | float]  # sums / counts / extrema from which the metrics are formed (0-dim
     # tensors on the tensor paths, Python floats from the C kernel, which has them on the host already)
+    weighted_advantages: torch.Tensor  # (B, T) detached A * f, 0 off the response (what the trainer trains with)
 
 
 @contextlib.contextmanager
@@ -248,7 +249,7 @@ def fipo_loss_torch(
         )
     if needs_grad:
         loss = _LossWithStoredGradient.apply(logps, loss, unscaled_grad, row_scale)
-    return FIPOTorchResult(loss, weights, future_kl, keep, stats)
+    return FIPOTorchResult(loss, weights, future_kl, keep, stats, weighted_adv.expand_as(weights))
 
 
 def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep, ratio, negative_adv, positive_adv,

@@ -9,7 +9,8 @@ log-ratio, the participation filter, exp/clip/safety rule of the weight, the dua
 w.r.t. logps and the per-row partial sums the metrics need. Accumulation is fp32 whatever the input dtype.
 
 Two entry points share the kernel:
-- ``fipo_weights_triton``: weights f, F, keep and stats (and the loss value), nothing stored for autograd;
+- ``fipo_weights_triton``: weights f, weighted advantages A * f, F, keep and stats (and the loss value), nothing
+  stored for autograd;
 - ``FIPOLossFunction`` / ``fipo_loss_triton``: the official loss; the forward also writes the unscaled per-token
   gradient, the backward only scales it by keep_b / (kept tokens + 1e-8) and the incoming gradient.
 Both return the ``FIPOTorchResult`` contract of ``fipo_torch.fipo_loss_torch`` (same stats keys and semantics).
@@ -75,7 +76,7 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _fipo_row_kernel(
         LOGPS, OLD_LOGPS, ADVANTAGES, MASK,  # inputs: (B, T), (B, T), (B,) or (B, T), (B, T) uint8
-        WEIGHTS, FUTURE_KL, GRAD, ROW_STATS,  # outputs: (B, T) fp32 x 3 (GRAD only if STORE_GRAD), (B, N_STATS)
+        WEIGHTS, FUTURE_KL, WEIGHTED_ADV, GRAD, ROW_STATS,  # outputs: (B, T) fp32 x 4 (GRAD if STORE_GRAD), (B, N_STATS)
         T, stride_logps, stride_old, stride_adv_row, stride_adv_col, stride_mask,
         log2_gamma, log_ratio_clamp, clip_lower, clip_upper, upper_clip_at, lower_clip_at, safety_threshold, dual_clip,
         ratio_low, ratio_high,
@@ -150,6 +151,7 @@ if TRITON_AVAILABLE:
 
             # dual-clip PPO surrogate on the weighted advantage (same operation order as the torch path)
             weighted_adv = adv * weight
+            tl.store(WEIGHTED_ADV + row * T + pos, weighted_adv, mask=in_row)
             loss1 = -weighted_adv * ratio
             loss2 = -weighted_adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
             clip_loss = tl.maximum(loss1, loss2)
@@ -234,7 +236,7 @@ def _require_triton(device: torch.device) -> None:
 
 def _launch_row_kernel(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip_high_only, safety_threshold,
                        dual_clip, epsilon_low, epsilon_high, store_grad, block_size):
-    """Run the row kernel; returns weights, future_kl, grad (or None) and the (B, N_ROW_STATS) partial sums."""
+    """Run the row kernel; returns weights, future_kl, A * f, grad (or None) and the (B, N_ROW_STATS) partial sums."""
     _require_triton(logps.device)
     if logps.dtype == torch.float64:
         raise TypeError("fipo_trl: the Triton backend computes in float32; float64 inputs (the reference dtype) "
@@ -242,11 +244,11 @@ def _launch_row_kernel(logps, old_logps, advantages, mask, *, gamma, clip_ratio,
     B, T = logps.shape
     device = logps.device
     weights = torch.empty(B, T, dtype=torch.float32, device=device)
-    future_kl = torch.empty_like(weights)
+    future_kl, weighted_adv = torch.empty_like(weights), torch.empty_like(weights)
     grad = torch.empty_like(weights) if store_grad else weights  # placeholder pointer when not stored
     row_stats = torch.empty(B, N_ROW_STATS, dtype=torch.float32, device=device)
     if B == 0:
-        return weights, future_kl, (grad if store_grad else None), row_stats
+        return weights, future_kl, weighted_adv, (grad if store_grad else None), row_stats
     if block_size is None:
         block_size = min(DEFAULT_BLOCK_SIZE, triton.next_power_of_2(max(T, 16)))
     _, num_warps = calculate_settings(block_size)
@@ -255,14 +257,14 @@ def _launch_row_kernel(logps, old_logps, advantages, mask, *, gamma, clip_ratio,
     adv_col_stride = advantages.stride(1) if advantages.dim() == 2 else 0
     _fipo_row_kernel[(B,)](
         logps, old_logps, advantages, mask_bytes,
-        weights, future_kl, grad, row_stats,
+        weights, future_kl, weighted_adv, grad, row_stats,
         T, logps.stride(0), old_logps.stride(0), advantages.stride(0), adv_col_stride, mask_bytes.stride(0),
         math.log2(gamma), LOG_RATIO_CLAMP, lower, upper, upper - 1e-7, lower + 1e-7, safety_threshold, dual_clip,
         1.0 - epsilon_low, 1.0 + epsilon_high,
         UPPER_ONLY=clip_ratio == 0, STORE_GRAD=store_grad, N_STATS=N_ROW_STATS, BLOCK=block_size,
         num_warps=num_warps,
     )
-    return weights, future_kl, (grad if store_grad else None), row_stats
+    return weights, future_kl, weighted_adv, (grad if store_grad else None), row_stats
 
 
 def _reduce_row_stats(row_stats: torch.Tensor):
@@ -297,13 +299,13 @@ def fipo_weights_triton(logps, old_logps, advantages, mask, *, gamma, clip_ratio
                         dual_clip, epsilon_low, epsilon_high, block_size=None) -> FIPOTorchResult:
     """The fused weight kernel: f, F, keep, stats and the loss VALUE (no gradient, nothing kept for autograd)."""
     logps, old_logps, advantages, mask = (t.detach().contiguous() for t in (logps, old_logps, advantages, mask))
-    weights, future_kl, _, row_stats = _launch_row_kernel(
+    weights, future_kl, weighted_adv, _, row_stats = _launch_row_kernel(
         logps, old_logps, advantages, mask, gamma=gamma, clip_ratio=clip_ratio, clip_high_only=clip_high_only,
         safety_threshold=safety_threshold, dual_clip=dual_clip, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
         store_grad=False, block_size=block_size,
     )
     keep, n_final, loss_sum, stats = _reduce_row_stats(row_stats)
-    return FIPOTorchResult(loss_sum / (n_final + MASKED_MEAN_EPS), weights, future_kl, keep, stats)
+    return FIPOTorchResult(loss_sum / (n_final + MASKED_MEAN_EPS), weights, future_kl, keep, stats, weighted_adv)
 
 
 class FIPOLossFunction(torch.autograd.Function if TRITON_AVAILABLE else object):
@@ -312,7 +314,7 @@ class FIPOLossFunction(torch.autograd.Function if TRITON_AVAILABLE else object):
     @staticmethod
     @ensure_contiguous
     def forward(ctx, logps, old_logps, advantages, mask, hyperparameters: dict, block_size):
-        weights, future_kl, grad, row_stats = _launch_row_kernel(
+        weights, future_kl, weighted_adv, grad, row_stats = _launch_row_kernel(
             logps, old_logps, advantages, mask, store_grad=True, block_size=block_size, **hyperparameters
         )
         keep, n_final, loss_sum, stats = _reduce_row_stats(row_stats)
@@ -321,8 +323,8 @@ class FIPOLossFunction(torch.autograd.Function if TRITON_AVAILABLE else object):
         ctx.save_for_backward(grad, row_scale)
         ctx.logps_dtype = logps.dtype
         packed_stats = torch.stack(list(stats.values()))
-        ctx.mark_non_differentiable(weights, future_kl, keep, packed_stats)
-        return loss_sum / denominator, weights, future_kl, keep, packed_stats
+        ctx.mark_non_differentiable(weights, future_kl, keep, packed_stats, weighted_adv)
+        return loss_sum / denominator, weights, future_kl, keep, packed_stats, weighted_adv
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -341,10 +343,10 @@ def fipo_loss_triton(logps, old_logps, advantages, mask, *, gamma, clip_ratio, c
     if not (torch.is_grad_enabled() and logps.requires_grad):
         return fipo_weights_triton(logps, old_logps, advantages, mask, block_size=block_size, **hyperparameters)
     _require_triton(logps.device)
-    loss, weights, future_kl, keep, packed = FIPOLossFunction.apply(
+    loss, weights, future_kl, keep, packed, weighted_adv = FIPOLossFunction.apply(
         logps, old_logps.detach(), advantages.detach(), mask, hyperparameters, block_size
     )
-    return FIPOTorchResult(loss, weights, future_kl, keep, dict(zip(_STATS_KEYS, packed.unbind(0))))
+    return FIPOTorchResult(loss, weights, future_kl, keep, dict(zip(_STATS_KEYS, packed.unbind(0))), weighted_adv)
 
 
 __all__ = [

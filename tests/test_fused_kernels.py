@@ -63,6 +63,7 @@ def assert_same_result(fused, reference, fused_grad=None, reference_grad=None):
     relative_error = (fused.future_kl - reference.future_kl).abs() / scale
     assert relative_error.numel() == 0 or relative_error.max() <= TOL
     torch.testing.assert_close(fused.weights, reference.weights, rtol=0, atol=TOL)
+    torch.testing.assert_close(fused.weighted_advantages, reference.weighted_advantages, rtol=TOL, atol=TOL)
     assert abs(fused.loss.item() - reference.loss.item()) <= TOL * max(1.0, abs(reference.loss.item()))
     assert torch.equal(fused.keep, reference.keep)
     if reference_grad is not None:

@@ -85,6 +85,8 @@ def test_random_batches_match_reference_with_gradients(seed, clip):
         out.loss.backward()
         assert abs(out.loss.item() - ref["loss"].item()) <= tol * max(1, abs(ref["loss"].item()))
         torch.testing.assert_close(leaf.grad.double(), ref["grad_logp"], rtol=0, atol=tol)
+        expected_weighted = adv.double()[:, None] * mask * ref["w"]  # A * f on the response, 0 elsewhere
+        torch.testing.assert_close(out.weighted_advantages.double(), expected_weighted, rtol=tol, atol=tol)
         torch.testing.assert_close(torch.where(mask, out.weights.double(), 0), torch.where(mask, ref["w"], 0),
                                    rtol=tol, atol=tol)
         assert torch.equal(out.keep, ref["seq_valid"] > 0)

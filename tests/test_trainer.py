@@ -46,9 +46,11 @@ def losses(trainer):
 
 
 def force_unit_weights(monkeypatch):
-    def unit_weights(*args, **kwargs):
-        out = fipo_loss(*args, **kwargs)
-        return dataclasses.replace(out, weights=torch.ones_like(out.weights), keep=torch.ones_like(out.keep))
+    def unit_weights(logps, old, advantages, mask, **kwargs):
+        out = fipo_loss(logps, old, advantages, mask, **kwargs)
+        unweighted = (advantages[:, None] if advantages.dim() == 1 else advantages) * mask  # A * 1, 0 off the response
+        return dataclasses.replace(out, weights=torch.ones_like(out.weights), keep=torch.ones_like(out.keep),
+                                   weighted_advantages=unweighted.to(out.weighted_advantages.dtype))
 
     monkeypatch.setattr(fipo_trl.trainer, "fipo_loss", unit_weights)
 
@@ -106,7 +108,10 @@ def test_fipo_is_active_after_the_first_update_of_each_generation_batch(tiny_mod
         logps, old, advantages, mask = args
         out = fipo_loss(logps, old, advantages, mask, decay_rate=32.0, clip_ratio=0.2, clip_high_only=True,
                         safety_threshold=10.0, dual_clip=10.0, epsilon_low=0.2, epsilon_high=0.28)
-        torch.testing.assert_close(call["advantages"], advantages[:, None] * out.weights, rtol=0, atol=0)
+        torch.testing.assert_close(call["advantages"], out.weighted_advantages, rtol=0, atol=0)
+        on_response = (advantages[:, None] * out.weights)[mask]  # A * f on the response, 0 elsewhere
+        torch.testing.assert_close(call["advantages"][mask], on_response, rtol=0, atol=0)
+        assert (call["advantages"][~mask] == 0).all()
     weights = [fipo_loss(*args, **kwargs).weights for args, kwargs in spy.fipo_calls]
     assert any((w != 1).any() for w in weights)
     # on CPU the trainer uses the fused C kernel (the torch path where no C compiler exists), and says so
