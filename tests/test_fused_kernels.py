@@ -313,7 +313,8 @@ def test_cuda_kernels_match_torch_path(dtype):
     kwargs = hyperparameters("high_only", decay_rate=32.0, safety_threshold=10.0)
     auto = fipo_loss(logps, old, adv, mask)
     assert auto.backend == "triton"
-    fused, fused_grad, reference, reference_grad, weights_only = run_both(logps, old, adv, mask, None, **kwargs)
+    fused, fused_grad, reference, reference_grad, weights_only = run_both("triton", logps, old, adv, mask, None,
+                                                                          **kwargs)
     assert_same_result(fused, reference)
     torch.testing.assert_close(fused_grad.float(), reference_grad.float(), rtol=1e-2, atol=TOL)
     assert_same_result(weights_only, reference)
