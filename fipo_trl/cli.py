@@ -111,7 +111,8 @@ def train(argv: list[str]):
     if embedded:
         from fipo_trl.testing import build_tiny_model
 
-        model_args.model_name_or_path = str(build_tiny_model(f"{training_args.output_dir}/base-model"))
+        # "_" keeps it out of every Hub upload of output_dir (transformers ignores "_*" there)
+        model_args.model_name_or_path = str(build_tiny_model(f"{training_args.output_dir}/_base-model"))
     else:
         model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                                  attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
@@ -177,7 +178,7 @@ def save_merged_model(trainer, push: bool) -> None:
             api.upload_folder(repo_id=repo_id, folder_path=merged_dir, commit_message="Merged FIPO LoRA adapter")
             trainer.accelerator.print(f"Merged model pushed to {repo_id}")
         except Exception as error:  # noqa: BLE001 - a Hub failure must not lose the run: the model is on disk
-            trainer._warn_hub_failure(f"push the merged model to {repo_id!r}", error)
+            trainer._warn_hub_failure("push the merged model", error, repo_id=repo_id)
 
 
 def main(argv: list[str] | None = None):

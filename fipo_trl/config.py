@@ -124,6 +124,11 @@ class FIPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        for name in ("num_iterations", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` = {value!r} is invalid: it must be an integer >= 1. Use 1 (the official "
+                                 "recipe reuses each generation batch through fipo_updates_per_generation instead).")
         if (
             self.steps_per_generation is None
             and self.generation_batch_size is None
@@ -142,6 +147,20 @@ class FIPOConfig(GRPOConfig):
             names=CONFIG_FIELD_NAMES,
         )
         check_trl_compatibility(self)
+        self._check_generation_batches()
+
+    def _check_generation_batches(self) -> None:
+        """Optimizer steps must not straddle generation batches: each update then sees one pi_old, and the updates
+        per generation batch (the card's figure, the Future-KL's reach) is a whole number."""
+        micro_steps = self.steps_per_generation * self.num_iterations  # micro-steps that use one generation batch
+        window = self.gradient_accumulation_steps  # micro-steps per optimizer step
+        if micro_steps % window and window % micro_steps:
+            raise ValueError(
+                f"`steps_per_generation` = {self.steps_per_generation} (x `num_iterations` = {self.num_iterations}) "
+                f"is not a multiple of `gradient_accumulation_steps` = {window}: optimizer steps would straddle "
+                f"generation batches ({micro_steps / window:g} updates per generation batch). Fix: leave "
+                "steps_per_generation and generation_batch_size unset (FIPO then makes fipo_updates_per_generation "
+                f"updates per batch), or set steps_per_generation to a multiple of {window}, e.g. {2 * window}.")
 
     def __getstate__(self):
         # The Hub token is a secret, but transformers pickles the training arguments into training_args.bin in

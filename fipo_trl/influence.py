@@ -20,7 +20,8 @@ PAGE = """<!doctype html>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
 .completion {{ margin: 1em 0; padding: .6em; border: 1px solid #ddd; border-radius: 4px; line-height: 1.9; }}
 .meta {{ color: #555; font-size: .85em; margin-bottom: .3em; }}
-.tok {{ padding: 1px 2px; border-radius: 2px; white-space: pre-wrap; }}
+.tok {{ padding: 1px 2px; border-radius: 2px; white-space: pre-wrap; unicode-bidi: isolate; }}
+.ctl {{ color: #a00; font-size: .75em; }}
 </style></head><body>
 <h1>FIPO token influence, step {step}</h1>
 <p>Each completion token is shaded by its influence weight f = clip(exp(F)) in [{lower:g}, {upper:g}]:
@@ -38,6 +39,16 @@ def _shade(weight: float, lower: float, upper: float) -> str:
     return "rgba(0, 0, 0, 0)"
 
 
+# Unicode direction controls (embeddings, overrides, isolates, marks). A model can emit them, and inside the page one
+# would reorder every token after it; each span is a bidi isolate, and the controls are shown as visible code points.
+_BIDI_CONTROLS = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
+
+
+def _token_html(text: str) -> str:
+    return "".join(f'<span class="ctl">&lt;U+{ord(ch):04X}&gt;</span>' if ch in _BIDI_CONTROLS else html.escape(ch)
+                   for ch in text)
+
+
 def render_influence_html(batch: dict[str, torch.Tensor], tokenizer, *, step: int, lower: float, upper: float,
                           max_completions: int = 8) -> str:
     """HTML for up to ``max_completions`` rows of a weighted micro-batch: one span per completion token."""
@@ -50,7 +61,7 @@ def render_influence_html(batch: dict[str, torch.Tensor], tokenizer, *, step: in
         advantage = batch["advantages"][row].float().mean().item()
         spans = "".join(
             f'<span class="tok" style="background:{_shade(w, lower, upper)}" data-weight="{w!r}" '
-            f'data-future-kl="{f!r}" title="f={w:.4f} F={f:.4f}">{html.escape(tokenizer.decode([token]))}</span>'
+            f'data-future-kl="{f!r}" title="f={w:.4f} F={f:.4f}">{_token_html(tokenizer.decode([token]))}</span>'
             for token, w, f in zip(ids, weights, future_kl)
         )
         kept = "" if bool(batch["keep"][row]) else " · dropped by the sequence filter"

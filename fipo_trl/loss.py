@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable, fipo_loss_cpu
@@ -55,6 +57,15 @@ def decay_to_gamma(decay_rate: float) -> float:
     return 2.0 ** (-1.0 / decay_rate)
 
 
+def _as_number(value) -> float | None:
+    """A plain float from an int, a float, a numpy scalar or a one-element tensor; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 and value.dtype != torch.bool else None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numpy.bool_)):
+        return float(value)
+    return None
+
+
 def check_hyperparameters(
     *,
     decay_rate: float,
@@ -65,10 +76,13 @@ def check_hyperparameters(
     epsilon_low: float,
     epsilon_high: float,
     names: dict[str, str] | None = None,
-) -> None:
-    """Raise ValueError naming the offending field and the fix. ``names`` maps argument names to the names the
-    caller exposes (FIPOConfig passes its field names)."""
+) -> dict:
+    """Raise ValueError naming the offending field and the fix; return the values as plain Python floats and a bool
+    (numpy scalars and one-element tensors are accepted). ``names`` maps argument names to the names the caller
+    exposes (FIPOConfig passes its field names)."""
     names = names or {}
+    given = dict(decay_rate=decay_rate, clip_ratio=clip_ratio, safety_threshold=safety_threshold,
+                 dual_clip=dual_clip, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
 
     def name(arg: str) -> str:
         return names.get(arg, arg)
@@ -76,30 +90,61 @@ def check_hyperparameters(
     def fail(arg: str, value, requirement: str, fix: str):
         raise ValueError(f"`{name(arg)}` = {value!r} is invalid: {requirement}. {fix}")
 
-    if not (isinstance(decay_rate, (int, float)) and math.isfinite(decay_rate) and decay_rate > 0):
+    values = {}
+    for arg, value in given.items():
+        if value is None and arg == "dual_clip":
+            fail(arg, value, "FIPO needs the dual-clip constant (it also sets the Future-KL ratio filter and the "
+                 "sequence filter)", "Use the official 10.0.")
+        values[arg] = _as_number(value)
+        if values[arg] is None:
+            fail(arg, value, f"it must be a number (a float, an int, a numpy scalar or a one-element tensor), got a "
+                 f"{type(value).__name__}", "Pass a single number.")
+    if isinstance(clip_high_only, torch.Tensor) and clip_high_only.numel() == 1:
+        clip_high_only = bool(clip_high_only)
+    if not isinstance(clip_high_only, (bool, numpy.bool_)):
+        fail("clip_high_only", clip_high_only, "it must be True or False", "Use True (32B recipe) or False (7B).")
+    values["clip_high_only"] = bool(clip_high_only)
+    decay_rate, clip_ratio, safety_threshold, dual_clip, epsilon_low, epsilon_high = (
+        values[arg] for arg in ("decay_rate", "clip_ratio", "safety_threshold", "dual_clip", "epsilon_low",
+                                "epsilon_high"))
+
+    if not (math.isfinite(decay_rate) and decay_rate > 0):
         fail("decay_rate", decay_rate, "it must be a finite number > 0 (the Future-KL half-life in tokens)",
              "Use the official 32.0.")
-    if not (isinstance(clip_ratio, (int, float)) and math.isfinite(clip_ratio) and clip_ratio >= 0):
-        fail("clip_ratio", clip_ratio, "it must be >= 0", "Use 0.2 (official), or 0 for the uncapped min(exp F, 10).")
-    if not clip_high_only and clip_ratio >= 1:
+    if not (math.isfinite(clip_ratio) and clip_ratio >= 0):
+        fail("clip_ratio", clip_ratio, "it must be a finite number >= 0",
+             "Use 0.2 (official), or 0 for the uncapped min(exp F, 10).")
+    if not values["clip_high_only"] and clip_ratio >= 1:
         fail("clip_ratio", clip_ratio, f"with `{name('clip_high_only')}`=False the lower bound 1 - clip_ratio must "
              "stay > 0", "Use 0.2 (the 7B recipe's [0.8, 1.2]).")
-    if not (isinstance(safety_threshold, (int, float)) and safety_threshold > 0):
+    if not safety_threshold > 0:  # inf is allowed: it switches the safety rule off
         fail("safety_threshold", safety_threshold, "it must be > 0 (an importance-ratio threshold)",
              "Use 10.0 (32B recipe) or 3.0 (7B recipe).")
-    if not (isinstance(epsilon_low, (int, float)) and 0 <= epsilon_low < 1):
+    if not 0 <= epsilon_low < 1:
         fail("epsilon_low", epsilon_low, "it must be in [0, 1)", "Use 0.2 (official).")
-    if not (isinstance(epsilon_high, (int, float)) and epsilon_high >= 0):
-        fail("epsilon_high", epsilon_high, "it must be >= 0", "Use 0.28 (official).")
-    if dual_clip is None or not (math.isfinite(dual_clip) and dual_clip > 1 + epsilon_high):
+    if not (math.isfinite(epsilon_high) and epsilon_high >= 0):
+        fail("epsilon_high", epsilon_high, "it must be a finite number >= 0", "Use 0.28 (official).")
+    if not (math.isfinite(dual_clip) and dual_clip > 1 + epsilon_high):
         fail("dual_clip", dual_clip, f"the dual-clip constant must be finite and > 1 + {name('epsilon_high')} "
              f"({1 + epsilon_high:g}); it also sets the Future-KL ratio filter and the sequence filter",
              "Use the official 10.0.")
+    return values
 
 
 @functools.lru_cache(maxsize=64)  # fipo_loss checks the same values on every micro-batch; errors are not cached
-def _check_hyperparameters_once(**hyperparameters) -> None:
-    check_hyperparameters(**hyperparameters)
+def _validated_once(**hyperparameters) -> tuple:
+    return tuple(check_hyperparameters(**hyperparameters).items())
+
+
+def _checked_hyperparameters(**hyperparameters) -> dict:
+    """The hyperparameters validated, as plain floats and a bool (numpy scalars and one-element tensors become
+    Python numbers first, so that the cache never keys on a mutable tensor)."""
+    plain = {arg: (value.item() if isinstance(value, (torch.Tensor, numpy.generic)) and value.size in (1, ()) else
+                   value) for arg, value in hyperparameters.items()}
+    try:
+        return dict(_validated_once(**plain))
+    except TypeError:  # unhashable (a list...): validate uncached, which raises the error naming the argument
+        return check_hyperparameters(**plain)
 
 
 def _check_tensors(logps, old_logps, advantages, mask) -> None:
@@ -248,20 +293,23 @@ def fipo_loss(
     (official), so +-inf log-probs at response tokens give finite values with zero gradient there; a NaN
     log-ratio or a non-finite advantage at a response token raises ValueError rather than return a NaN loss.
     """
-    _check_hyperparameters_once(decay_rate=decay_rate, clip_ratio=clip_ratio, clip_high_only=clip_high_only,
-                          safety_threshold=safety_threshold, dual_clip=dual_clip, epsilon_low=epsilon_low,
-                          epsilon_high=epsilon_high)
+    hyperparameters = _checked_hyperparameters(
+        decay_rate=decay_rate, clip_ratio=clip_ratio, clip_high_only=clip_high_only, safety_threshold=safety_threshold,
+        dual_clip=dual_clip, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    decay_rate = hyperparameters.pop("decay_rate")
     _check_tensors(logps, old_logps, advantages, mask)
     mask = mask if mask.dtype == torch.bool else mask != 0
     chosen = resolve_backend(backend, logps)
     if chosen != "cpu":  # the C kernel checks finiteness in its own pass
         _check_finite(logps, old_logps, advantages, mask)
     compute = {"cpu": fipo_loss_cpu, "torch": fipo_loss_torch, "triton": fipo_loss_triton}[chosen]
-    result = compute(
-        logps, old_logps, advantages, mask, gamma=decay_to_gamma(decay_rate), clip_ratio=clip_ratio,
-        clip_high_only=clip_high_only, safety_threshold=safety_threshold, dual_clip=dual_clip,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-    )
+    result = compute(logps, old_logps, advantages, mask, gamma=decay_to_gamma(decay_rate), **hyperparameters)
+    if not torch.isfinite(result.loss):  # inputs were checked finite: only huge advantages get here
+        largest = advantages.detach().abs().max().item()
+        raise ValueError(f"fipo_loss: the loss overflows to {result.loss.item()} although every input is finite: "
+                         f"`advantages` are too large (largest |value| = {largest:.3g}; the surrogate multiplies them "
+                         "by ratios up to `dual_clip` and weights up to 10). Scale the advantages down; in a trainer, "
+                         "scale the rewards down or keep scale_rewards='group', which normalises them.")
     return FIPOLossOutput(
         loss=result.loss, weights=result.weights, future_kl=result.future_kl, keep=result.keep,
         stats=result.stats, backend=chosen, weighted_advantages=result.weighted_advantages,

@@ -29,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["MathVerifier", "MathVerifyReward", "OverlongPenalty", "extract_answer", "math_verify_reward",
-           "overlong_penalty", "reference_answers"]
+__all__ = ["MathVerifier", "MathVerifyReward", "OverlongPenalty", "completion_text", "extract_answer",
+           "math_verify_reward", "overlong_penalty", "reference_answers"]
 
 _WORKER = Path(__file__).with_name("_math_verify_worker.py")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -156,21 +156,62 @@ class MathVerifier:
             pass
 
 
+def _as_text(value, what: str) -> str | None:
+    """A completion or answer as text: bytes are decoded (UTF-8, bad bytes replaced), numbers written out, None and
+    blank text mean "nothing there". Anything else is a caller's bug, named with its place."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", errors="replace")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is a {type(value).__name__}; expected a string (or bytes, a number, or None for "
+                        "none). Fix the dataset column or the reward function's caller.")
+    return value if value.strip() else None
+
+
+def completion_text(completion, index: int = 0) -> str:
+    """The text of one completion: a string (standard format) or a list of messages (conversational: the last
+    message's content). A missing or empty completion reads as "" (it then has no answer and scores as wrong)."""
+    if isinstance(completion, (list, tuple)):
+        if not completion:
+            return ""
+        message = completion[-1]
+        if not isinstance(message, dict) or "content" not in message:
+            raise TypeError(f"completions[{index}] is a list whose last item is not a chat message with a 'content' "
+                            f"key (got {type(message).__name__}). Pass strings or lists of {{'role', 'content'}} "
+                            "messages.")
+        completion = message["content"]
+        if isinstance(completion, list):  # multimodal content parts: keep the text parts
+            completion = "".join(part.get("text", "") for part in completion if isinstance(part, dict))
+    return _as_text(completion, f"completions[{index}]") or ""
+
+
 def reference_answers(n: int, solution=None, answer=None, reward_model=None) -> list[str | None]:
     """The reference answer of each row: the ``solution`` column, else ``answer``, else
-    ``reward_model["ground_truth"]``."""
+    ``reward_model["ground_truth"]``. A missing (None or blank) reference is None."""
     if solution is not None:
-        column = solution
+        column, name = solution, "solution"
     elif answer is not None:
-        column = answer
+        column, name = answer, "answer"
     elif reward_model is not None:
-        column = [None if row is None else row.get("ground_truth") for row in reward_model]
+        column, name = [], "reward_model"
+        for i, row in enumerate(reward_model):
+            if row is not None and not isinstance(row, dict):
+                raise TypeError(f"reward_model[{i}] is a {type(row).__name__}; expected a dict with a 'ground_truth' "
+                                "key (verl's layout) or None.")
+            column.append(None if row is None else row.get("ground_truth"))
     else:
         raise ValueError("math_verify_reward needs the reference answers: a dataset column named 'solution' or "
                          "'answer' (or verl's 'reward_model' with a 'ground_truth' key).")
+    if isinstance(column, (str, bytes)) or not hasattr(column, "__len__"):
+        raise TypeError(f"`{name}` must be a list with one reference answer per completion, got a "
+                        f"{type(column).__name__}.")
     if len(column) != n:
-        raise ValueError(f"Got {len(column)} reference answers for {n} completions.")
-    return [None if value is None else str(value) for value in column]
+        raise ValueError(f"Got {len(column)} reference answers (`{name}`) for {n} completions: the column must have "
+                         "one value per completion.")
+    return [_as_text(value, f"{name}[{i}]") for i, value in enumerate(column)]
 
 
 class MathVerifyReward:
@@ -191,8 +232,11 @@ class MathVerifyReward:
         return 1.0 if self.verifier.equal(reference, answer) else -1.0
 
     def __call__(self, completions, solution=None, answer=None, reward_model=None, **kwargs) -> list[float | None]:
+        if completions is None or isinstance(completions, (str, bytes)):
+            raise TypeError("math_verify_reward: `completions` must be a list of completions (strings or message "
+                            f"lists), got {type(completions).__name__}.")
         references = reference_answers(len(completions), solution, answer, reward_model)
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # standard or conversational
+        texts = [completion_text(c, i) for i, c in enumerate(completions)]
         return [self.score(text, reference) for text, reference in zip(texts, references)]
 
 
@@ -216,8 +260,17 @@ class OverlongPenalty:
         exceed = length - (self.max_completion_length - self.buffer_length)
         return min(-exceed / self.buffer_length * self.penalty_factor, 0.0)
 
-    def __call__(self, completion_ids, **kwargs) -> list[float]:
-        return [self.penalty(len(ids)) for ids in completion_ids]
+    def __call__(self, completion_ids=None, **kwargs) -> list[float]:
+        if completion_ids is None or isinstance(completion_ids, (str, bytes)):
+            raise TypeError("overlong_penalty needs `completion_ids`, a list of token-id sequences (TRL passes it); "
+                            f"got {type(completion_ids).__name__}.")
+        lengths = []
+        for i, ids in enumerate(completion_ids):
+            if ids is None or isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+                raise TypeError(f"overlong_penalty: completion_ids[{i}] is a {type(ids).__name__}; expected a "
+                                "sequence of token ids.")
+            lengths.append(len(ids))
+        return [self.penalty(length) for length in lengths]
 
 
 def overlong_penalty(max_completion_length: int = 20480, buffer_length: int = 4096,

@@ -10,6 +10,7 @@ silently running GRPO.
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 import warnings
@@ -20,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
 from fipo_trl.dynamic_sampling import DynamicSampler
+from fipo_trl.kernels.fipo_torch import LOG_RATIO_CLAMP
 from fipo_trl.loss import fipo_loss, metrics_from_stats, stack_stats
 from fipo_trl.model_card import render_model_card
 
@@ -49,6 +51,44 @@ class _MicroBatch(dict):
     def get(self, key, default=None):
         self._guard(key)
         return super().get(key, default)
+
+
+def _bound_log_ratios(batch: _MicroBatch, logps: torch.Tensor) -> torch.Tensor:
+    """Give TRL's loss the official +-20 clamp of the log-ratio; returns the log-probs TRL should use.
+
+    TRL exponentiates log pi - log pi_old (and, with beta > 0, log pi_ref - log pi for the k3 KL) unclamped: one
+    token past ~88.7 overflows float32, even off the response, and the backward puts 0 * inf = NaN into every
+    gradient. Where a difference is within +-20 nothing changes, bit for bit. Beyond, the private copy's pi_old
+    (pi_ref) is replaced by log pi -+ clamp(difference): TRL's difference is then the clamped value and carries
+    no gradient, as in the official loss (and verl's low_var_kl clamp for the KL). Off the response the difference
+    becomes 0. Non-finite log-probs become constants (the official clamp gives them zero gradient too)."""
+    mask = dict.__getitem__(batch, "completion_mask").bool()
+    logps = torch.where(torch.isfinite(logps), logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+    policy = logps.detach().float()
+    for key, sign in (("old_per_token_logps", 1.0), ("ref_per_token_logps", -1.0)):
+        other = dict.get(batch, key)
+        if other is None:
+            continue
+        difference = sign * (policy - other.float())  # what TRL exponentiates
+        bounded = torch.where(mask, difference.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), 0.0).nan_to_num(0.0)
+        outside = ~(difference.abs() <= LOG_RATIO_CLAMP)  # NaN counts as outside
+        dict.__setitem__(batch, key, torch.where(outside, logps - sign * bounded, other))
+    return logps
+
+
+def _non_finite_loss_message(loss: torch.Tensor, advantages: torch.Tensor, delta: float) -> str:
+    largest = advantages.detach().abs().max().item() if advantages.numel() else 0.0
+    # TRL sums per-token losses of at most delta x 1.2 x |A| each in float32: could that sum overflow?
+    if not math.isfinite(largest) or largest * delta * 1.2 * advantages.numel() >= torch.finfo(torch.float32).max:
+        cause = (f"the advantages are too large (largest |advantage| = {largest:.3g}): the PPO surrogate overflows "
+                 "float32. Fix: scale the rewards down, or keep scale_rewards='group' (TRL's default), which "
+                 "normalises the advantages")
+    else:
+        cause = ("the policy's log-probabilities or a reward are not finite (largest |advantage| = "
+                 f"{largest:.3g}). Fix: check the model's forward pass (NaN weights, a bf16/fp16 overflow) and the "
+                 "reward functions")
+    return (f"FIPOTrainer: the loss of this micro-batch is {loss.item()}; nothing was applied to the model, whose "
+            f"checkpoints are intact. Cause: {cause}.")
 
 
 class FIPOTrainer(GRPOTrainer):
@@ -157,8 +197,9 @@ class FIPOTrainer(GRPOTrainer):
         if not job.cancelled() and job.exception() is not None:
             self._warn_hub_failure("push a checkpoint", job.exception())
 
-    def _warn_hub_failure(self, action: str, error: BaseException) -> None:
-        message = (f"FIPOTrainer could not {action} to {self.hub_model_id!r}: {type(error).__name__}: {error}. "
+    def _warn_hub_failure(self, action: str, error: BaseException, repo_id: str | None = None) -> None:
+        repo_id = self.hub_model_id if repo_id is None else repo_id
+        message = (f"FIPOTrainer could not {action} to {repo_id!r}: {type(error).__name__}: {error}. "
                    f"Training continues and nothing is lost: the model and checkpoints are in "
                    f"{os.path.abspath(self.args.output_dir)}. Push them later with trainer.push_to_hub() or "
                    "`hf upload`.")
@@ -188,6 +229,9 @@ class FIPOTrainer(GRPOTrainer):
             self._fipo_pending = None
         if not batch.weighted:
             raise RuntimeError(_HOOK_BROKEN.format(what="never ran: no policy forward pass happened in _compute_loss"))
+        if not torch.isfinite(loss):  # before backward: a NaN/inf step would poison every weight
+            raise FloatingPointError(_non_finite_loss_message(loss, dict.__getitem__(batch, "advantages"),
+                                                              self.args.delta))
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
@@ -196,6 +240,7 @@ class FIPOTrainer(GRPOTrainer):
             batch = self._fipo_pending[1]
             self._fipo_pending = None  # only the policy forward of this micro-batch
             self._apply_fipo_weights(batch, outputs[0])
+            outputs = (_bound_log_ratios(batch, outputs[0]), *outputs[1:])
         return outputs
 
     @torch.no_grad()
@@ -245,5 +290,6 @@ class FIPOTrainer(GRPOTrainer):
             stats = dict(zip(names, reduced.tolist()))  # one host transfer
         mode = "train" if self.model.training else "eval"
         for name, value in metrics_from_stats(stats).items():
-            self._metrics[mode][f"fipo/{name}"].append(value)
+            if not math.isnan(value):  # an extremum of an empty set: left out of this step, not logged as None
+                self._metrics[mode][f"fipo/{name}"].append(value)
         self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: a fused kernel (Triton or C), 0: torch
