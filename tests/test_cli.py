@@ -43,6 +43,14 @@ def test_trains_the_tiny_model_from_the_recipe_file(tmp_path):
     assert len(lines) == 4 and "active=1" in lines[1]
     out = tmp_path / "outputs" / "fipo-tiny-recipe"
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    # the locally built base model sits beside the run but is never uploaded with it (transformers skips "_*")
+    from huggingface_hub.utils import filter_repo_objects
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    files = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
+    assert any(f.startswith("_base-model/") for f in files)
+    uploaded = list(filter_repo_objects(files, ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"]))
+    assert "model.safetensors" in uploaded and not any("base-model" in f for f in uploaded)
 
 
 def test_trains_from_flags_with_a_dataset_mixture_and_shipped_rewards(tiny_model_path, tmp_path):

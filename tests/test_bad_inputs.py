@@ -1,0 +1,186 @@
+"""Clumsy inputs get a clear error that names the field and the fix (or a defined result), never a raw traceback,
+a silently wrong value or a NaN. One test per case of the reliability table in docs/reliability.md."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
+from fipo_trl.influence import render_influence_html
+from fipo_trl.rewards import MathVerifyReward, overlong_penalty
+from fipo_trl.testing import tiny_prompt_dataset
+
+
+def config(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path), bf16=False, report_to="none", per_device_train_batch_size=4,
+                  num_generations=4)
+    kwargs.update(overrides)
+    return FIPOConfig(**kwargs)
+
+
+# --- FIPOConfig -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [("num_iterations", 0), ("num_iterations", -1), ("num_iterations", 1.5),
+                                          ("gradient_accumulation_steps", 0)])
+def test_counts_below_one_are_rejected_with_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"`{field}` = {value!r} is invalid: it must be an integer >= 1"):
+        config(tmp_path, **{field: value})
+
+
+def test_infinite_epsilon_high_blames_epsilon_high(tmp_path):
+    with pytest.raises(ValueError, match=r"`epsilon_high` = inf is invalid: it must be a finite number"):
+        config(tmp_path, epsilon_high=math.inf)
+
+
+@pytest.mark.parametrize("steps_per_generation, grad_accum, num_iterations", [(3, 2, 1), (6, 4, 1), (3, 2, 1)])
+def test_optimizer_steps_may_not_straddle_generation_batches(tmp_path, steps_per_generation, grad_accum,
+                                                             num_iterations):
+    with pytest.raises(ValueError, match=r"`steps_per_generation` = .* not a multiple of "
+                                         r"`gradient_accumulation_steps`.*Fix: leave steps_per_generation"):
+        config(tmp_path, steps_per_generation=steps_per_generation, gradient_accumulation_steps=grad_accum,
+               num_iterations=num_iterations)
+
+
+@pytest.mark.parametrize("steps_per_generation, grad_accum, num_iterations", [
+    (8, 2, 1),  # 4 updates per generation batch
+    (1, 4, 1),  # several generation batches per update (degenerate: warned at trainer init, not an error)
+    (1, 2, 2),  # num_iterations reuses a batch: 2 micro-steps = one optimizer step
+])
+def test_whole_updates_per_generation_batch_are_accepted(tmp_path, steps_per_generation, grad_accum, num_iterations):
+    args = config(tmp_path, steps_per_generation=steps_per_generation, gradient_accumulation_steps=grad_accum,
+                  num_iterations=num_iterations)
+    assert args.steps_per_generation == steps_per_generation
+
+
+# --- fipo_loss hyperparameters and inputs ----------------------------------------------------------------------
+
+
+def batch(seed=0, B=3, T=7):
+    generator = torch.Generator().manual_seed(seed)
+    logps = -torch.rand(B, T, generator=generator) * 3
+    old = logps + 0.3 * torch.randn(B, T, generator=generator)
+    return logps, old, torch.randn(B, generator=generator), torch.ones(B, T, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("convert", [np.float32, np.float64, torch.tensor, lambda v: torch.tensor([v])],
+                         ids=["np.float32", "np.float64", "0-dim tensor", "1-element tensor"])
+def test_numpy_and_tensor_hyperparameters_equal_floats(convert):
+    values = dict(decay_rate=16.0, clip_ratio=0.2, safety_threshold=3.0, dual_clip=10.0, epsilon_low=0.2,
+                  epsilon_high=0.28)
+    reference = fipo_loss(*batch(), **values)
+    converted = fipo_loss(*batch(), **{name: convert(value) for name, value in values.items()},
+                          clip_high_only=np.bool_(True))
+    torch.testing.assert_close(converted.weights, reference.weights, rtol=0, atol=0)
+    torch.testing.assert_close(converted.loss, reference.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field, value", [("clip_ratio", [0.2]), ("decay_rate", "32"), ("dual_clip", None),
+                                          ("epsilon_low", torch.ones(2)), ("clip_high_only", "yes")])
+def test_non_numbers_name_the_argument(field, value):
+    with pytest.raises(ValueError, match=rf"`{field}` = .* is invalid"):
+        fipo_loss(*batch(), **{field: value})
+
+
+def test_advantages_that_overflow_the_loss_are_an_error_not_minus_inf():
+    logps, old, _, mask = batch()
+    with pytest.raises(ValueError, match=r"`advantages` are too large .*Scale the advantages down"):
+        fipo_loss(logps, old, torch.tensor([3e38, -3e38, 1.0]), mask)
+
+
+# --- rewards ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward():
+    reward = MathVerifyReward(timeout_seconds=5.0)
+    yield reward
+    reward.verifier.close()
+
+
+@pytest.mark.parametrize("completion, expected", [
+    (None, -1.0), ("", -1.0), ("   ", -1.0), ([], -1.0),  # nothing written: no answer, wrong
+    (b"\\boxed{5}", 1.0), (b"\xff\\boxed{5}", 1.0),  # bytes are decoded (bad bytes replaced)
+    ([{"role": "assistant", "content": None}], -1.0),
+    ([{"role": "assistant", "content": [{"type": "text", "text": "\\boxed{5}"}]}], 1.0),  # content parts
+])
+def test_missing_empty_or_bytes_completions_score_as_defined(reward, completion, expected):
+    assert reward([completion], answer=["5"]) == [expected]
+
+
+@pytest.mark.parametrize("reference, expected", [(None, None), ("", None), (5, 1.0), (5.0, 1.0), (b"5", 1.0)])
+def test_references_of_any_simple_type(reward, reference, expected):
+    assert reward(["\\boxed{5}"], solution=[reference]) == [expected]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(completions=[{1, 2}], answer=["5"]), r"completions\[0\] is a set; expected a string"),
+    (dict(completions=[[{"role": "assistant"}]], answer=["5"]), r"completions\[0\].*'content' key"),
+    (dict(completions=["x"], answer=[["5"]]), r"answer\[0\] is a list"),
+    (dict(completions=["x"], reward_model=["5"]), r"reward_model\[0\] is a str; expected a dict"),
+    (dict(completions=["x", "y"], answer=["5"]), r"1 reference answers \(`answer`\) for 2 completions"),
+    (dict(completions=["x"], answer="5"), r"`answer` must be a list"),
+    (dict(completions=None, answer=["5"]), r"`completions` must be a list"),
+])
+def test_malformed_reward_inputs_name_the_field(reward, kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        reward(**kwargs)
+
+
+def test_overlong_penalty_inputs():
+    penalty = overlong_penalty(8, 4)
+    assert penalty(completion_ids=[[], [1] * 4, [1] * 8]) == [0.0, 0.0, -1.0]
+    with pytest.raises(TypeError, match=r"needs `completion_ids`"):
+        penalty(completions=["a"])
+    with pytest.raises(TypeError, match=r"completion_ids\[1\] is a NoneType"):
+        penalty(completion_ids=[[1], None])
+
+
+# --- trainer-level cases ------------------------------------------------------------------------------------------
+
+
+def test_undefined_extrema_are_left_out_of_the_step_not_logged_as_none(tiny_model_path, tmp_path):
+    """With every reward equal, no token has A > 0 or A < 0: pos_is_max, pos_is_min and neg_is_max are undefined
+    for every step and must not appear (TensorBoard warns on None), while the defined metrics do."""
+    args = config(tmp_path, max_steps=2, max_completion_length=4, logging_steps=1, save_strategy="no",
+                  gradient_checkpointing=False, fipo_updates_per_generation=2, disable_tqdm=True)
+    trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                          args=args, train_dataset=tiny_prompt_dataset(8))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "fipo/active" in h]
+    assert len(logs) == 2
+    for log in logs:
+        assert not {"fipo/pos_is_max", "fipo/pos_is_min", "fipo/neg_is_max"} & set(log)
+        assert all(value is not None for value in log.values())
+        assert "fipo/influence_weights_mean" in log
+
+
+def test_hub_warning_names_the_repository_once(tiny_model_path, tmp_path):
+    trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                          args=config(tmp_path, hub_model_id="me/run"), train_dataset=tiny_prompt_dataset(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer._warn_hub_failure("push the merged model", OSError("offline"), repo_id="me/run-merged")
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("FIPOTrainer could not push the merged model to 'me/run-merged': OSError: offline.")
+    assert "'me/run'" not in message
+
+
+class _Tokenizer:
+    def decode(self, ids):
+        return {0: "safe", 1: "\u202eevil", 2: "tail", 3: "<b>\u2067x"}[ids[0]]
+
+
+def test_influence_page_isolates_each_token_direction():
+    batch = {"completion_ids": torch.tensor([[0, 1, 2, 3]]), "mask": torch.ones(1, 4, dtype=torch.bool),
+             "weights": torch.ones(1, 4), "future_kl": torch.zeros(1, 4), "advantages": torch.ones(1),
+             "keep": torch.ones(1, dtype=torch.bool)}
+    page = render_influence_html(batch, _Tokenizer(), step=1, lower=1.0, upper=1.2)
+    assert "\u202e" not in page and "\u2067" not in page  # no raw direction control reaches the page
+    control = '<span class="ctl">&lt;U+{}&gt;</span>'
+    assert control.format("202E") + "evil" in page  # shown as a visible code point...
+    assert "&lt;b&gt;" + control.format("2067") + "x" in page  # ...and the rest still escaped
+    assert "unicode-bidi: isolate" in page  # each token span is its own bidi isolate
