@@ -74,13 +74,30 @@ def load_reward_funcs(names: list[str], training_args: FIPOConfig, script_args: 
             buffer = script_args.overlong_buffer_length or max(1, max_length // 5)
             funcs.append(overlong_penalty(max_length, buffer, script_args.overlong_penalty_factor))
         elif "." in name:
-            module, _, attribute = name.rpartition(".")
-            sys.path.insert(0, os.getcwd())  # rewards next to the user's recipe, as `trl grpo` allows
-            funcs.append(getattr(importlib.import_module(module), attribute))
+            funcs.append(_import_reward(name))
         else:
             raise ValueError(f"--reward_funcs {name!r}: expected 'math_verify_reward', 'overlong_penalty' or a dotted "
                              "import path such as 'my_rewards.correctness'.")
     return funcs
+
+
+def _import_reward(dotted: str):
+    """A reward function by dotted path. The current directory is importable for this import only (rewards next to
+    the user's recipe, as `trl grpo` allows), so it never shadows other modules later."""
+    module, _, attribute = dotted.rpartition(".")
+    sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module), attribute)
+    except ImportError as error:
+        raise ValueError(f"--reward_funcs {dotted!r}: cannot import module {module!r} ({error}). Fix: check the "
+                         f"spelling, install the package, or run from the folder that holds {module}.py.") from None
+    except AttributeError:
+        raise ValueError(f"--reward_funcs {dotted!r}: module {module!r} has no attribute {attribute!r}.") from None
+    finally:
+        sys.path.remove(os.getcwd())
+    if not callable(function):
+        raise ValueError(f"--reward_funcs {dotted!r} is a {type(function).__name__}, not a function.")
+    return function
 
 
 USAGE = """Train with FIPO (arXiv 2603.19835): TRL's GRPO script with FIPOTrainer/FIPOConfig.
@@ -108,6 +125,8 @@ def train(argv: list[str]):
 
     script_args, training_args, model_args, dataset_args = parse_train_args(argv)
     embedded = model_args.model_name_or_path is None
+    reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
+    reward_funcs = load_reward_funcs(reward_names, training_args, script_args)  # bad names fail before any loading
     if embedded:
         from fipo_trl.testing import build_tiny_model
 
@@ -137,10 +156,9 @@ def train(argv: list[str]):
     else:
         raise ValueError("No training data: pass --dataset_name, or a `datasets:` mixture in --config.")
 
-    reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
     trainer = FIPOTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=load_reward_funcs(reward_names, training_args, script_args),
+        reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None,
@@ -181,15 +199,20 @@ def save_merged_model(trainer, push: bool) -> None:
             trainer._warn_hub_failure("push the merged model", error, repo_id=repo_id)
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> None:
+    """The console script: returns None (exit status 0) on success. A bad input (a ValueError, raised before any
+    expensive work) prints one line, ``fipo-trl: error: ...``, and exits with status 2, as argparse does."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "eval":
-        from fipo_trl.evaluation import main as evaluate_main
+    try:
+        if argv and argv[0] == "eval":
+            from fipo_trl.evaluation import main as evaluate_main
 
-        return evaluate_main(argv[1:])
-    if argv and argv[0] == "train":
-        argv = argv[1:]
-    return train(argv)
+            evaluate_main(argv[1:])
+        else:
+            train(argv[1:] if argv and argv[0] == "train" else argv)
+    except ValueError as error:
+        print(f"fipo-trl: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

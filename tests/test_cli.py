@@ -60,8 +60,8 @@ def test_trains_from_flags_with_a_dataset_mixture_and_shipped_rewards(tiny_model
     recipe = tmp_path / "mix.yaml"
     recipe.write_text(f"datasets:\n  - path: json\n    data_files: {data}\n    split: train\n"
                       "    columns: [prompt, answer]\n")
-    trainer = cli.main([
-        "train", "--config", str(recipe), "--model_name_or_path", tiny_model_path, "--output_dir", str(tmp_path / "o"),
+    trainer = cli.train([
+        "--config", str(recipe), "--model_name_or_path", tiny_model_path, "--output_dir", str(tmp_path / "o"),
         "--reward_funcs", "math_verify_reward", "overlong_penalty", "fipo_trl.testing.digit_reward",
         "--overlong_buffer_length", "4", "--max_completion_length", "8", "--per_device_train_batch_size", "4",
         "--num_generations", "4", "--max_steps", "2", "--bf16", "false", "--gradient_checkpointing", "false",
@@ -78,3 +78,43 @@ def test_trains_from_flags_with_a_dataset_mixture_and_shipped_rewards(tiny_model
 def test_unknown_reward_name_is_rejected():
     with pytest.raises(ValueError, match="dotted import path"):
         cli.load_reward_funcs(["accuracy"], None, None)
+
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("fipo-trl")
+
+
+def run_console_script(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([str(CONSOLE_SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_installed_console_script_exits_0_on_success_and_prints_no_repr(tmp_path):
+    assert CONSOLE_SCRIPT.exists(), "pip install -e . installs the fipo-trl console script"
+    result = run_console_script("train", "--max_steps", "2", "--output_dir", str(tmp_path / "o"),
+                                "--save_strategy", "no", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FIPOTrainer object" not in result.stderr + result.stdout
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("reward, match", [
+    ("no_such_module.reward", "cannot import module 'no_such_module'"),
+    ("json.no_such_function", "module 'json' has no attribute 'no_such_function'"),
+    ("json.__doc__", "is a str, not a function"),
+])
+def test_bad_reward_funcs_fail_first_with_one_line_naming_the_flag(tmp_path, reward, match):
+    result = run_console_script("train", "--reward_funcs", reward, "--output_dir", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"fipo-trl: error: --reward_funcs {reward!r}") and match in last_line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()  # failed before building the model
+
+
+def test_reward_import_puts_the_working_directory_on_sys_path_only_for_the_import(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def length(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    (function,) = cli.load_reward_funcs(["my_rewards.length"], None, None)
+    assert function.__name__ == "length" and sys.path == before
