@@ -12,11 +12,12 @@ With no model (no --model_name_or_path and no --config, or a recipe without one)
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
 from trl import (DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset, get_peft_config,
                  get_quantization_config)
 
@@ -26,7 +27,7 @@ from fipo_trl.config import FIPOConfig
 EMBEDDED_DEFAULTS = dict(
     output_dir="outputs/fipo-tiny", max_steps=16, per_device_train_batch_size=4, num_generations=4,
     max_completion_length=12, learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=8,
-    report_to="none", gradient_checkpointing=False, bf16=torch.cuda.is_available(), seed=0, disable_tqdm=False, fipo_updates_per_generation=4,
+    report_to="none", gradient_checkpointing=False, seed=0, disable_tqdm=False, fipo_updates_per_generation=4,
 )
 TOY_REWARD = "fipo_trl.testing.digit_reward"
 
@@ -53,6 +54,11 @@ class FIPOScriptArguments(ScriptArguments):
         default=5.0,
         metadata={"help": "Hard wall-clock limit of one math-verify check in 'math_verify_reward' (a check that "
                   "overruns scores -1)."},
+    )
+    data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Local data files for a builder named by --dataset_name, e.g. `--dataset_name json "
+                  "--data_files train.jsonl` (a single file can also be passed as --dataset_name itself)."},
     )
     merge_adapter: bool = field(
         default=False,
@@ -118,6 +124,56 @@ def parse_train_args(argv: list[str]):
     return parser.parse_args_and_config(argv)
 
 
+LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _describe_data_files(data_files) -> str:
+    files = [data_files] if isinstance(data_files, str) else list(data_files.values() if isinstance(data_files, dict)
+                                                                   else data_files or [])
+    return ", ".join(os.path.basename(str(f)) for f in files)
+
+
+def load_training_data(script_args, dataset_args, embedded: bool):
+    """(splits, the dataset's name for the model card). Sources, in order: a `datasets:` mixture, --dataset_name (a
+    Hub id, a local folder, a local .json/.jsonl/.csv/.parquet file, or a builder such as `json` with
+    --data_files), the embedded tiny task. Every failure is a ValueError naming the flag."""
+    from datasets import load_dataset
+
+    split = script_args.dataset_train_split
+    if dataset_args.datasets:  # a mixture (--config with `datasets:`) wins over --dataset_name, as in `trl grpo`
+        dataset = get_dataset(dataset_args)
+        name = ", ".join(d.path if not d.data_files else f"{d.path}: {_describe_data_files(d.data_files)}"
+                         for d in dataset_args.datasets)
+    elif script_args.dataset_name:
+        path, name = Path(script_args.dataset_name), script_args.dataset_name
+        data_files = script_args.data_files
+        if path.is_file() or path.suffix.lower() in LOCAL_FILE_BUILDERS:  # a single local file
+            if path.suffix.lower() not in LOCAL_FILE_BUILDERS:
+                raise ValueError(f"--dataset_name {name!r}: a {path.suffix} file cannot be read as a dataset. Fix: "
+                                 f"use one of {', '.join(LOCAL_FILE_BUILDERS)} (JSON lines: one object per line, with a "
+                                 "'prompt' column).")
+            if not path.is_file():
+                raise ValueError(f"--dataset_name {name!r}: no such file.")
+            builder, data_files, name = LOCAL_FILE_BUILDERS[path.suffix.lower()], str(path), path.name
+        else:
+            builder = name
+            if data_files:
+                name = f"{name}: {_describe_data_files(data_files)}"
+        dataset = load_dataset(builder, name=script_args.dataset_config, data_files=data_files,
+                               streaming=script_args.dataset_streaming)
+    elif embedded:
+        from fipo_trl.testing import tiny_prompt_dataset
+
+        return {split: tiny_prompt_dataset(64)}, None
+    else:
+        raise ValueError("No training data: pass --dataset_name (a Hub id, a local folder or file, or `json` with "
+                         "--data_files), or a `datasets:` mixture in --config.")
+    if split not in dataset:
+        raise ValueError(f"--dataset_train_split {split!r}: the dataset has the splits {list(dataset)}. Fix: pass "
+                         f"--dataset_train_split {next(iter(dataset))}.")
+    return dataset, name
+
+
 def train(argv: list[str]):
     """Train with FIPO; returns the trainer."""
     from fipo_trl.callbacks import PrintFIPOMetricsCallback
@@ -142,20 +198,12 @@ def train(argv: list[str]):
             model_init_kwargs.update(quantization_config=quantization_config, device_map=get_kbit_device_map())
         training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
-    if dataset_args.datasets:  # a mixture (--config with `datasets:`) wins over --dataset_name, as in `trl grpo`
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        from datasets import load_dataset
+    dataset, dataset_name = load_training_data(script_args, dataset_args, embedded)
+    callbacks = [PrintFIPOMetricsCallback()]
+    if importlib.util.find_spec("matplotlib") is not None:  # the card's curves plot (training_curves.png)
+        from fipo_trl.plots import TrainingCurvesCallback
 
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
-                               streaming=script_args.dataset_streaming)
-    elif embedded:
-        from fipo_trl.testing import tiny_prompt_dataset
-
-        dataset = {script_args.dataset_train_split: tiny_prompt_dataset(64)}
-    else:
-        raise ValueError("No training data: pass --dataset_name, or a `datasets:` mixture in --config.")
-
+        callbacks.append(TrainingCurvesCallback())
     trainer = FIPOTrainer(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
@@ -163,15 +211,15 @@ def train(argv: list[str]):
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None,
         peft_config=get_peft_config(model_args),
-        callbacks=[PrintFIPOMetricsCallback()],
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        trainer.create_model_card(dataset_name=script_args.dataset_name)
+        trainer.create_model_card(dataset_name=dataset_name)
     trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=dataset_name)
     if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
         save_merged_model(trainer, push=training_args.push_to_hub)
     return trainer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
 from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters
@@ -124,6 +125,10 @@ class FIPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            # TRL defaults to bf16=True, which transformers refuses on a CPU-only machine with an error that hides
+            # every later one. Unset, bf16 follows the hardware; an explicit True is still the user's to keep.
+            self.bf16 = is_torch_bf16_gpu_available()
         for name in ("num_iterations", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 from importlib import resources
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -55,6 +56,11 @@ def _base_model(model) -> tuple[str | None, str]:
     return None, f"a local model ({os.path.basename(os.path.normpath(name)) or 'unnamed'})"
 
 
+def _is_hub_id(name: str | None) -> bool:
+    """Whether a dataset name can go in the card's metadata (a Hub id), not a local file or a description."""
+    return bool(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not os.path.exists(name)
+
+
 def render_model_card(trainer, *, model_name: str | None = None, dataset_name: str | None = None,
                       tags: str | list[str] | None = None,
                       eval_results: dict[str, dict[str, float]] | None = None) -> ModelCard:
@@ -73,7 +79,8 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
     tag_set.update(trainer._tag_names)
     eval_results = eval_results or {}
     card_data = ModelCardData(
-        base_model=base_model, datasets=[dataset_name] if dataset_name else None, library_name="peft" if is_adapter
+        base_model=base_model, datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
+        library_name="peft" if is_adapter
         else "transformers", model_name=model_name, tags=sorted(tag_set), pipeline_tag="text-generation",
         eval_results=[EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
                                  metric_type=metric, metric_value=value)
@@ -99,7 +106,8 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
 
     return ModelCard.from_template(
         card_data, template_str=template, model_name=model_name, base_model=base_model,
-        base_model_description=base_description, dataset_name=dataset_name, is_adapter=is_adapter, repo_id=repo_id,
+        base_model_description=base_description, dataset_name=dataset_name, dataset_hub_id=_is_hub_id(dataset_name),
+        is_adapter=is_adapter, repo_id=repo_id,
         fipo=fipo, curves=_curve_rows(trainer.state.log_history),
         curves_image=artifact(CURVES_IMAGE), influence_page=artifact(INFLUENCE_PAGE),
         eval_table=[{"dataset": d, "metric": m, "value": _fmt(v)} for d, ms in eval_results.items()

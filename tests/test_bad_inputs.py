@@ -56,6 +56,17 @@ def test_whole_updates_per_generation_batch_are_accepted(tmp_path, steps_per_gen
     assert args.steps_per_generation == steps_per_generation
 
 
+def test_bf16_follows_the_hardware_unless_set(tmp_path):
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    args = FIPOConfig(output_dir=str(tmp_path))  # the README's swap, with nothing else set
+    assert args.bf16 == is_torch_bf16_gpu_available()
+    assert FIPOConfig(output_dir=str(tmp_path), fp16=False, bf16=False).bf16 is False
+    if not is_torch_bf16_gpu_available():  # an explicit choice is kept, and transformers says why it cannot run
+        with pytest.raises(ValueError, match="bf16"):
+            FIPOConfig(output_dir=str(tmp_path), bf16=True)
+
+
 # --- fipo_loss hyperparameters and inputs ----------------------------------------------------------------------
 
 

@@ -118,3 +118,55 @@ def test_reward_import_puts_the_working_directory_on_sys_path_only_for_the_impor
     before = list(sys.path)
     (function,) = cli.load_reward_funcs(["my_rewards.length"], None, None)
     assert function.__name__ == "length" and sys.path == before
+
+
+def write_problems(path, n, column="prompt"):
+    words = ["one", "two", "three", "four"]
+    path.write_text("".join(json.dumps({column: f"what is {words[i % 4]} plus one ?", "answer": str(i % 4 + 2)})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def test_trains_a_local_model_on_local_json_without_bf16_flags(tiny_model_path, tmp_path):
+    """A user's own folder and JSONL on CPU: bf16 follows the hardware, the card names the data files and shows the
+    curves plot (matplotlib is installed in the test environment)."""
+    data = write_problems(tmp_path / "problems.jsonl", 8)
+    out = tmp_path / "o"
+    trainer = cli.train([
+        "--model_name_or_path", tiny_model_path, "--dataset_name", "json", "--data_files", str(data),
+        "--output_dir", str(out), "--reward_funcs", "fipo_trl.testing.digit_reward", "--max_steps", "2",
+        "--max_completion_length", "6", "--per_device_train_batch_size", "4", "--num_generations", "4",
+        "--fipo_updates_per_generation", "2", "--report_to", "none", "--save_strategy", "no",
+        "--gradient_checkpointing", "false", "--logging_steps", "1",
+    ])
+    assert trainer.args.bf16 is False and trainer.state.global_step == 2
+    card = (out / "README.md").read_text()
+    assert "on json: problems.jsonl" in card and "datasets:" not in card.split("---")[1]  # not a Hub id
+    assert (out / "training_curves.png").exists() and "![Training curves](training_curves.png)" in card
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--dataset_name", "{tmp}/notes.txt"], r"--dataset_name '.*notes.txt': a .txt file cannot be read"),
+    (["--dataset_name", "{tmp}/missing.jsonl"], r"--dataset_name '.*missing.jsonl': no such file"),
+    (["--dataset_name", "{tmp}/small.jsonl"], r"train_dataset has 3 prompts, but one generation batch takes 8"),
+    (["--dataset_name", "{tmp}/question.jsonl"], r"train_dataset has no 'prompt' column \(its columns: "
+                                                 r"\['question', 'answer'\]\)"),
+    (["--dataset_name", "{tmp}/small.jsonl", "--dataset_train_split", "test"], r"--dataset_train_split 'test'"),
+])
+def test_bad_training_data_is_one_error_line_before_the_model_loads(tmp_path, monkeypatch, capsys, args, match):
+    (tmp_path / "notes.txt").write_text("what is one plus one ?\n")
+    write_problems(tmp_path / "small.jsonl", 3)
+    write_problems(tmp_path / "question.jsonl", 16, column="question")
+    import transformers
+
+    def no_model_load(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_load)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--model_name_or_path", str(tmp_path / "some-model"), "--output_dir", str(tmp_path / "o"),
+                  "--per_device_train_batch_size", "4", "--num_generations", "4",
+                  "--fipo_updates_per_generation", "8", *[a.format(tmp=tmp_path) for a in args]])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fipo-trl: error: ") and __import__("re").search(match, error), error
