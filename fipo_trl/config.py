@@ -74,7 +74,7 @@ class FIPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "Drop prompt groups whose rewards all agree (advantage 0) and generate fresh groups until "
                   "the generation batch is full again, as the official DAPO/FIPO recipe does (filter_groups). "
-                  "Single process only; needs scale_rewards 'group' or 'none'. Paper: on."},
+                  "Any number of processes; needs scale_rewards 'group' or 'none'. Paper: on."},
     )
     dynamic_sampling_max_retries: int = field(
         default=10,

@@ -13,13 +13,21 @@ Advantages come from TRL's own computation on each generated batch. With ``scale
 are exactly the advantages of the kept groups; other settings normalise over the whole batch and are rejected.
 
 Fresh groups come from a separate, seeded stream over the training dataset (not from the trainer's dataloader), so
-the epoch accounting of the Trainer is unchanged; its position is not checkpointed, so a resumed run draws different
-refill prompts. Single process only for now: groups straddle ranks and the kept rows would differ per rank.
+the epoch accounting of the Trainer is unchanged. Its position is saved with every checkpoint (next to the RNG
+states), so a run resumed on a generation-batch boundary draws the same refill prompts as an uninterrupted one.
+
+Any number of processes: TRL gathers the rewards of the whole generation batch to every rank, so every rank takes the
+same keep decision per group. Each rank's generated rows are gathered too, the kept groups are assembled in the same
+global order on every rank, and each rank trains on its own contiguous slice of that batch, exactly as TRL slices a
+generation batch. A refill is a whole generation batch drawn from the same seeded stream on every rank (each rank
+generates its slice), so every rank makes the same number of retries and no collective can hang.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -38,13 +46,8 @@ _PER_ROW = {"advantages"}
 _RECOMPUTED = {"num_items_in_batch"}
 
 
-def check_dynamic_sampling_args(args, num_processes: int) -> None:
+def check_dynamic_sampling_args(args) -> None:
     """Settings dynamic sampling cannot serve correctly; raises with the fix."""
-    if num_processes > 1:
-        raise NotImplementedError(
-            f"dynamic_sampling=True runs on a single process only (got {num_processes}): prompt groups are spread "
-            "across ranks and the kept groups would differ per rank. Train on one process, or set "
-            "dynamic_sampling=False (zero-advantage groups then stay in the batch).")
     if args.scale_rewards not in ("group", "none") or args.multi_objective_aggregation != "sum_then_normalize":
         raise ValueError(
             f"dynamic_sampling=True needs advantages computed per group (scale_rewards='group' or 'none' with "
@@ -118,37 +121,79 @@ def concat_generation_outputs(outputs: list[dict], pad_token_id: int) -> dict:
     loss_mask = merged["completion_mask"]
     if merged.get("tool_mask") is not None:
         loss_mask = loss_mask * merged["tool_mask"]
-    merged["num_items_in_batch"] = loss_mask.sum()  # single process: the gathered sum is the local sum
+    merged["num_items_in_batch"] = loss_mask.sum()  # TRL's count: the loss tokens of the whole generation batch
     return merged
+
+
+def gather_generation_output(output: dict, accelerator, pad_token_id: int) -> dict:
+    """Every rank's rows of one generation output, in rank order (TRL's layout of a generation batch), on every
+    rank. Per-token tensors are padded to a common width first, prompts on the left, completions on the right."""
+    if accelerator.num_processes == 1:
+        return output
+    from accelerate.utils import gather, pad_across_processes
+
+    gathered = {}
+    for key, value in output.items():
+        if key in _RECOMPUTED or value is None:
+            gathered[key] = value
+            continue
+        is_bool = value.dtype == torch.bool  # gloo cannot reduce bools: travel as bytes
+        tensor = value.to(torch.uint8) if is_bool else value
+        if key in _LEFT_PADDED or key in _RIGHT_PADDED:
+            pad = (_LEFT_PADDED | _RIGHT_PADDED)[key]
+            tensor = pad_across_processes(tensor, dim=1, pad_index=pad_token_id if pad == "pad" else pad,
+                                          pad_first=key in _LEFT_PADDED)
+        tensor = gather(tensor)
+        gathered[key] = tensor.bool() if is_bool else tensor
+    return gathered
 
 
 class PromptGroupStream:
     """Endless stream of fresh prompt rows, each repeated ``num_generations`` times in a row (TRL's RepeatSampler
-    layout), drawn epoch by epoch in a seeded random order (map-style datasets) or in order (iterable ones)."""
+    layout). Map-style datasets are read epoch by epoch in a random order that depends only on (seed, epoch), so the
+    stream's whole state is two integers (``state_dict``); iterable ones are read in order."""
 
     def __init__(self, dataset, num_generations: int, seed: int):
         self.dataset = dataset
         self.num_generations = num_generations
-        self.generator = torch.Generator().manual_seed(seed)
-        self._rows: Iterator = iter(())
+        self.seed = seed
+        self.epoch, self.position = 0, 0  # rows of the current epoch already drawn
+        self._order: list[int] | None = None
 
-    def _epoch(self) -> Iterator:
-        if hasattr(self.dataset, "__len__") and hasattr(self.dataset, "__getitem__"):
-            for index in torch.randperm(len(self.dataset), generator=self.generator).tolist():
-                yield self.dataset[index]
-        else:
-            yield from self.dataset
+    def _epoch_order(self) -> list[int] | None:
+        if not (hasattr(self.dataset, "__len__") and hasattr(self.dataset, "__getitem__")):
+            return None
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def _rows_from(self, position: int) -> Iterator:
+        if self._order is None:
+            self._order = self._epoch_order()
+        if self._order is None:
+            return itertools.islice(iter(self.dataset), position, None)
+        return (self.dataset[index] for index in self._order[position:])
 
     def draw(self, num_prompts: int) -> list[dict]:
         rows = []
         for _ in range(2):  # at most one epoch boundary per draw
-            rows += list(itertools.islice(self._rows, num_prompts - len(rows)))
+            taken = list(itertools.islice(self._rows_from(self.position), num_prompts - len(rows)))
+            rows += taken
+            self.position += len(taken)
             if len(rows) == num_prompts:
                 break
-            self._rows = self._epoch()
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
         if len(rows) < num_prompts:
             raise ValueError(f"dynamic_sampling: the training dataset has fewer than {num_prompts} prompts.")
         return [dict(row) for row in rows for _ in range(self.num_generations)]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"dynamic_sampling: the checkpoint's refill stream was seeded with {state['seed']}, "
+                             f"this run with {self.seed}; resume with the same `seed`.")
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None
 
 
 class DynamicSampler:
@@ -159,9 +204,11 @@ class DynamicSampler:
     returned (FIPOTrainer keeps the last ones in ``_last_rewards_per_func``).
     """
 
+    STATE_FILE = "dynamic_sampling_state_{rank}.json"  # in each checkpoint, one per process like the RNG states
+
     def __init__(self, trainer):
         args = trainer.args
-        check_dynamic_sampling_args(args, trainer.accelerator.num_processes)
+        check_dynamic_sampling_args(args)
         self.metric_index = None
         if args.dynamic_sampling_metric is not None:
             if args.dynamic_sampling_metric not in trainer.reward_func_names:
@@ -195,13 +242,21 @@ class DynamicSampler:
         return output, self.rewards()
 
     def __call__(self, rows: list[dict], generate: Callable[[list[dict]], dict]) -> dict:
+        """One generation batch of mixed groups: ``rows`` are this rank's prompts, ``generate`` is TRL's
+        generate-and-score on this rank's rows. Everything below the generation works on the gathered (global)
+        batch, identically on every rank; only the last step takes this rank's slice."""
         self.calls += 1
-        num_rows = len(rows)
+        accelerator = self.trainer.accelerator
+        pad_token_id = self.trainer._tokenizer.pad_token_id
+        local_rows = len(rows)
+        num_rows = local_rows * accelerator.num_processes
+        local = slice(accelerator.process_index * local_rows, (accelerator.process_index + 1) * local_rows)
         target_groups = num_rows // self.num_generations
         kept, dropped = [], []
         kept_groups = generated = dropped_groups = retries = 0
         while True:
-            output, rewards = self.generate_and_score(rows, generate)
+            output, rewards = self.generate_and_score(rows, generate)  # rewards: gathered by TRL, global
+            output = gather_generation_output(output, accelerator, pad_token_id)
             keep = group_keep_mask(rewards, self.num_generations)
             generated += len(keep)
             dropped_groups += int((~keep).sum())
@@ -214,7 +269,7 @@ class DynamicSampler:
             if kept_groups >= target_groups or retries == self.max_retries:
                 break
             retries += 1
-            rows = self.stream.draw(target_groups)
+            rows = self.stream.draw(target_groups)[local]  # a whole generation batch; this rank generates its slice
         filled_groups = max(target_groups - kept_groups, 0)
         if filled_groups:
             warnings.warn(f"dynamic_sampling: only {kept_groups} of {target_groups} prompt groups had differing "
@@ -224,13 +279,30 @@ class DynamicSampler:
             for filler in dropped:
                 filler["advantages"] = torch.zeros_like(filler["advantages"])  # uniform group: no learning signal
             kept.extend(dropped)
-        batch = concat_generation_outputs(kept, self.trainer._tokenizer.pad_token_id)
-        if len(batch["advantages"]) > num_rows:  # cut the surplus, whole groups (rows stay grouped), and recount
-            batch = concat_generation_outputs([select_rows(batch, torch.arange(num_rows))],
-                                              self.trainer._tokenizer.pad_token_id)
+        batch = concat_generation_outputs(kept, pad_token_id)
+        # the first num_rows rows: whole groups (rows stay grouped); TRL counts the loss tokens of the global batch
+        batch = concat_generation_outputs([select_rows(batch, torch.arange(num_rows))], pad_token_id)
+        num_items_in_batch = batch["num_items_in_batch"]
+        batch = concat_generation_outputs([select_rows(batch, torch.arange(num_rows)[local])], pad_token_id)
+        batch["num_items_in_batch"] = num_items_in_batch
         stats = {"dropped_groups": dropped_groups, "dropped_ratio": dropped_groups / generated,
                  "generated_groups": generated, "kept_groups": min(kept_groups, target_groups), "retries": retries,
                  "filled_groups": filled_groups}
         for name, value in stats.items():
             self.trainer._metrics["train"][f"dynamic_sampling/{name}"].append(float(value))
         return batch
+
+    def save_state(self, checkpoint_dir: str, rank: int) -> None:
+        path = os.path.join(checkpoint_dir, self.STATE_FILE.format(rank=rank))
+        with open(path, "w") as f:
+            json.dump(self.stream.state_dict(), f)
+
+    def load_state(self, checkpoint_dir: str, rank: int) -> None:
+        path = os.path.join(checkpoint_dir, self.STATE_FILE.format(rank=rank))
+        if not os.path.isfile(path):
+            warnings.warn(f"dynamic_sampling: {path} is missing (a checkpoint from an older fipo_trl?); the refill "
+                          "stream restarts from its beginning, so refill prompts differ from an uninterrupted run.",
+                          UserWarning, stacklevel=2)
+            return
+        with open(path) as f:
+            self.stream.load_state_dict(json.load(f))

@@ -76,3 +76,13 @@ def test_single_gpu_recipe_uses_dynamic_sampling_on_the_correctness_reward():
 def test_tiny_recipe_has_no_model_so_the_cli_builds_one():
     script, args, model, data = parse("tiny-cpu.yaml")
     assert model.model_name_or_path is None and not data.datasets and script.dataset_name is None
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-32b-dapo-math.yaml", "qwen2.5-math-7b.yaml"])
+def test_paper_recipes_use_dynamic_sampling_as_the_official_runs(name):
+    """filter_groups on the correctness metric with the official budget: 10 generation batches of 4x the train batch
+    = the first train batch plus 39 refills of one train batch."""
+    script, args, model, data = parse(name)
+    assert args.dynamic_sampling and args.dynamic_sampling_metric == "math_verify_reward"
+    assert "math_verify_reward" in script.reward_funcs
+    assert args.dynamic_sampling_max_retries + 1 == 10 * 4
