@@ -95,8 +95,9 @@ class FIPOConfig(GRPOConfig):
         default="bnpo",
         metadata={"help": "Loss normalisation. 'bnpo' (default) is the official FIPO one: a token mean per "
                   "micro-batch, divided by the gradient-accumulation steps, with filtered completions removed "
-                  "from numerator and denominator. 'dapo' (TRL's token mean over the optimizer window), 'grpo' "
-                  "and 'dr_grpo' also work; there a filtered completion leaves the numerator only."},
+                  "from numerator and denominator. Every other TRL loss type also works ('dapo', 'grpo', "
+                  "'dr_grpo', 'luspo', 'cispo', 'sapo', 'vespo'): FIPO weights the advantages they read; there a "
+                  "filtered completion leaves the numerator only."},
     )
     delta: float | None = field(
         default=10.0,
@@ -184,12 +185,12 @@ class FIPOConfig(GRPOConfig):
 
 
 def check_trl_compatibility(args) -> None:
-    """Settings under which FIPO has no meaning; checked by FIPOConfig and again by FIPOTrainer."""
+    """Settings FIPO cannot serve; checked by FIPOConfig and again by FIPOTrainer. FIPO only multiplies each token's
+    advantage by its weight f > 0, so every TRL loss type and both importance-sampling levels are well defined
+    (docs/configuration.md gives the loss per type); an unknown one would fail late in TRL, so it fails here."""
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(f"`loss_type` = {args.loss_type!r} is not supported by FIPO: the weight scales the "
-                         f"advantage inside the PPO-clip surrogate. Use one of {list(SUPPORTED_LOSS_TYPES)} "
-                         "('bnpo' reproduces the official per-micro-batch token mean).")
-    if args.importance_sampling_level != "token":
-        raise ValueError(f"`importance_sampling_level` = {args.importance_sampling_level!r} is not supported by "
-                         "FIPO: the Future-KL, its ratio filter and the safety rule are per token. "
-                         "Set importance_sampling_level='token'.")
+        raise ValueError(f"`loss_type` = {args.loss_type!r} is not a TRL loss type. Use one of "
+                         f"{list(SUPPORTED_LOSS_TYPES)} ('bnpo' reproduces the official per-micro-batch token mean).")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"`importance_sampling_level` = {args.importance_sampling_level!r} is invalid. Set "
+                         "importance_sampling_level='token' (the official FIPO setting) or 'sequence' (GSPO).")

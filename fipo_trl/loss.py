@@ -18,7 +18,8 @@ from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable, fipo_loss_cpu
 from fipo_trl.kernels.fipo_torch import MASKED_MEAN_EPS, fipo_loss_torch, non_finite_error
 from fipo_trl.kernels.fipo_triton import fipo_loss_triton, triton_usable
 
-SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+# TRL's loss types; FIPO weights the advantage each of them reads (FIPOTrainer), so all are supported.
+SUPPORTED_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo")
 BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
