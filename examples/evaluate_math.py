@@ -6,7 +6,9 @@ The `fipo-trl eval` command (fipo_trl/evaluation.py) as a script; `--help` lists
     python examples/evaluate_math.py --model_name_or_path outputs/my-fipo-run --dataset_name HuggingFaceH4/aime_2024 \
         --dataset_split train --k 32 --max_new_tokens 20480 --output_dir outputs/aime24
 
-Writes <output_dir>/eval_results.json (metrics, model-index block, samples) and eval_results.md.
+Writes <output_dir>/eval_samples.jsonl as samples are generated (a rerun with the same flags resumes from it), then
+<output_dir>/eval_results.json (metrics, model-index block, samples) and eval_results.md. A bad flag, column or prompt
+template is reported before the model loads, as `evaluate_math.py: error: ...` with exit status 2.
 """
 
 import sys
@@ -14,4 +16,8 @@ import sys
 from fipo_trl.evaluation import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ValueError as error:  # a bad input: one line naming the flag and the fix, as argparse reports its own
+        print(f"evaluate_math.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

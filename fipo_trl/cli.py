@@ -180,6 +180,11 @@ def train(argv: list[str]):
     from fipo_trl.trainer import FIPOTrainer
 
     script_args, training_args, model_args, dataset_args = parse_train_args(argv)
+    if training_args.resume_from_checkpoint not in (None, False):  # a bad flag fails before anything loads
+        from fipo_trl.checkpoints import resolve_resume
+
+        resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                       not training_args.save_only_model)
     embedded = model_args.model_name_or_path is None
     reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
     reward_funcs = load_reward_funcs(reward_names, training_args, script_args)  # bad names fail before any loading
@@ -249,7 +254,8 @@ def save_merged_model(trainer, push: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: returns None (exit status 0) on success. A bad input (a ValueError, raised before any
-    expensive work) prints one line, ``fipo-trl: error: ...``, and exits with status 2, as argparse does."""
+    expensive work) prints one line, ``fipo-trl: error: ...``, and exits with status 2, as argparse does
+    (``FIPO_TRL_TRACEBACK=1`` shows the full traceback instead)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] == "eval":
@@ -259,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(argv[1:] if argv and argv[0] == "train" else argv)
     except ValueError as error:
+        if os.environ.get("FIPO_TRL_TRACEBACK") == "1":  # the full traceback, e.g. for an error from deep inside
+            raise
         print(f"fipo-trl: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -6,6 +6,12 @@ transformers ``generate``. Scoring uses the ``math_metrics`` evaluate metric shi
 ``eval_results`` mapping that ``FIPOTrainer.create_model_card(eval_results=...)`` takes, a ``model-index`` block for a
 model card, and every sample) and ``<output_dir>/eval_results.md`` (a markdown table).
 
+Every argument, the dataset's columns and the prompt template are checked before the model is loaded (``validate``,
+``load_problems``): a bad one raises ValueError naming the flag and the fix. Samples are appended to
+``<output_dir>/eval_samples.jsonl`` as each generate call finishes, so a crash keeps them, and a rerun with the same
+arguments resumes from that file (its header line holds the arguments; a rerun with different ones is refused rather
+than mixing samples of two settings).
+
 With no model it evaluates the embedded tiny model (built locally) on a tiny built-in problem set: an offline smoke
 run.
 """
@@ -14,7 +20,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import string
 from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 
 import torch
@@ -53,33 +62,177 @@ class EvalArguments:
     pass_k: list[int] | None = field(
         default=None, metadata={"help": "The k of pass@k and cons@k (each <= --k). Default: 1 and --k."})
     max_new_tokens: int = field(default=1024, metadata={"help": "Completion length limit."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature. Official validation: 1.0."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (0: greedy). Official validation: 1.0."})
     top_p: float = field(default=0.7, metadata={"help": "Nucleus sampling. Official validation (AIME): 0.7."})
-    batch_size: int = field(default=8, metadata={"help": "Problems per transformers generate call."})
+    batch_size: int = field(
+        default=8, metadata={"help": "Problems per generate call (transformers, and vLLM: raise it there); each call's "
+                             "samples are saved to eval_samples.jsonl as soon as it returns."})
     use_vllm: bool | None = field(
         default=None, metadata={"help": "Generate with vLLM. Default: when vLLM is installed and a GPU is present."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype (auto, bfloat16, float16, float32)."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     timeout_seconds: float = field(default=5.0, metadata={"help": "Hard limit of one math-verify check."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Where eval_results.json/.md are written."})
+    output_dir: str = field(
+        default="outputs/eval", metadata={"help": "Where eval_samples.jsonl (written as samples are generated; a "
+                                          "rerun resumes from it) and eval_results.json/.md are written."})
+
+
+# Local data files load_dataset reads, by suffix (a single file: datasets names its only split "train").
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Suffixes that can only mean a local file (a Hub id like "org/name-v1.5" may well have some other "suffix").
+FILE_LIKE_SUFFIXES = {*DATA_FILE_BUILDERS, ".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".tar"}
+SAMPLES_FILE = "eval_samples.jsonl"
+TINY_MODEL_DIR = "base-model"
+# The arguments that decide what the samples are: a resumed run must agree on all of them. (batch_size, pass_k,
+# num_problems, timeout_seconds and the backend do not change what a sample is.)
+SAMPLING_ARGS = ("model_name_or_path", "dataset_name", "dataset_config", "dataset_split", "problem_column",
+                 "answer_column", "prompt_template", "use_chat_template", "k", "max_new_tokens", "temperature",
+                 "top_p", "seed", "dtype")
+
+
+# --- Validation: every check runs before the model is loaded ---------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and value == value  # value == value: not NaN
+
+
+def check_prompt_template(template) -> None:
+    """The template must be a str.format string whose only placeholder is {problem}."""
+    literal = "Write literal braces doubled ({{ and }}, e.g. \\boxed{{}})."
+    if not isinstance(template, str):
+        raise ValueError(f"--prompt_template must be text, got {template!r}.")
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:  # "Single '}' encountered in format string", "unmatched '{' in format spec", ...
+        raise ValueError(f"--prompt_template {template!r} has broken braces ({error}). Fix: put {{problem}} where "
+                         f"the problem goes. {literal}") from error
+    unknown = sorted({"{" + name + "}" for name in fields if name != "problem"})
+    if unknown:
+        raise ValueError(f"--prompt_template {template!r} has unknown placeholder(s) {', '.join(unknown)}: the only "
+                         f"one is {{problem}}. Fix: rename it to {{problem}}. {literal}")
+    if "problem" not in fields:
+        raise ValueError(f"--prompt_template {template!r} has no {{problem}} placeholder, so every prompt would be "
+                         "the same text. Fix: put {problem} where the problem goes.")
+    try:
+        template.format(problem="1 + 1")
+    except (ValueError, IndexError, KeyError, AttributeError) as error:  # e.g. a format spec: {problem:d}
+        raise ValueError(f"--prompt_template {template!r} cannot be filled in ({error}). Fix: write the placeholder "
+                         f"as plain {{problem}}. {literal}") from error
+
+
+def dataset_file(name: str) -> Path | None:
+    """The local data file --dataset_name names (checked: it exists and has a supported suffix), or None for a
+    dataset folder or a Hub id."""
+    path = Path(name).expanduser()
+    supported = ", ".join(DATA_FILE_BUILDERS)
+    if path.is_dir():
+        return None
+    if path.is_file():
+        if path.suffix.lower() not in DATA_FILE_BUILDERS:
+            raise ValueError(f"--dataset_name {name!r}: unsupported file type {path.suffix or '(no suffix)'!r}. Fix: "
+                             f"convert it to one of {supported} (e.g. JSON lines, one object per problem with the "
+                             "--problem_column and --answer_column fields), or pass a Hub dataset id.")
+        return path
+    if path.suffix.lower() in FILE_LIKE_SUFFIXES or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ValueError(f"--dataset_name {name!r}: no such file or folder. Fix: check the path (relative paths "
+                         f"start from {os.getcwd()}); data files can be {supported}.")
+    return None  # a Hub id
+
+
+def validate(args: EvalArguments) -> None:
+    """Check every argument (not the dataset's contents, see ``load_problems``); raise ValueError naming the flag
+    and the fix. Cheap: nothing is loaded."""
+    def bad(flag, value, rule, fix):
+        return ValueError(f"--{flag} {value!r}: {rule}. Fix: {fix}.")
+
+    if not _is_int(args.k) or args.k < 1:
+        raise bad("k", args.k, "the number of samples per problem must be an integer >= 1", "pass e.g. --k 4")
+    if args.pass_k is not None and not isinstance(args.pass_k, (list, tuple)):
+        raise bad("pass_k", args.pass_k, "must be a list of integers", "pass e.g. --pass_k 1 4 (in YAML: [1, 4])")
+    for value in args.pass_k or []:
+        if not _is_int(value):
+            raise bad("pass_k", args.pass_k, f"each value must be an integer in [1, --k={args.k}], got {value!r}",
+                      "pass integers, e.g. --pass_k 1 4")
+        if not 1 <= value <= args.k:
+            raise bad("pass_k", args.pass_k, f"each value must be in [1, --k={args.k}] (pass@k and cons@k need k of "
+                      f"the --k samples), got {value}",
+                      f"raise --k to {value}, or drop {value} from --pass_k" if value > args.k else "drop it")
+    if args.num_problems is not None and (not _is_int(args.num_problems) or args.num_problems < 1):
+        raise bad("num_problems", args.num_problems, "must be an integer >= 1", "pass a positive count, or leave it "
+                  "unset to evaluate every problem")
+    if not _is_number(args.temperature) or args.temperature < 0:
+        raise bad("temperature", args.temperature, "must be >= 0", "pass 0 for greedy decoding, or the official 1.0")
+    if not _is_number(args.top_p) or not 0 < args.top_p <= 1:
+        raise bad("top_p", args.top_p, "must be in (0, 1]", "pass e.g. the official 0.7, or 1 for no nucleus cut")
+    if not _is_int(args.max_new_tokens) or args.max_new_tokens < 1:
+        raise bad("max_new_tokens", args.max_new_tokens, "must be an integer >= 1", "pass e.g. --max_new_tokens 1024")
+    if not _is_int(args.batch_size) or args.batch_size < 1:
+        raise bad("batch_size", args.batch_size, "must be an integer >= 1", "pass e.g. --batch_size 8")
+    if not _is_number(args.timeout_seconds) or args.timeout_seconds <= 0:
+        raise bad("timeout_seconds", args.timeout_seconds, "must be > 0", "pass e.g. --timeout_seconds 5")
+    if not _is_int(args.seed):
+        raise bad("seed", args.seed, "must be an integer", "pass e.g. --seed 0")
+    if args.dtype != "auto" and not isinstance(getattr(torch, str(args.dtype), None), torch.dtype):
+        raise bad("dtype", args.dtype, "not a torch dtype", "pass auto, bfloat16, float16 or float32")
+    if args.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise bad("use_vllm", args.use_vllm, "vLLM is not installed", "pip install vllm, or drop --use_vllm to "
+                  "generate with transformers")
+    check_prompt_template(args.prompt_template)
+    model = args.model_name_or_path
+    if model is not None and not Path(model).expanduser().exists() and (
+            model.startswith(("/", "./", "../", "~")) or model.count("/") > 1):  # a local path (not a Hub id)
+        raise bad("model_name_or_path", model, "no such folder", "pass the folder of a saved model (e.g. a training "
+                  "run's output_dir or one of its checkpoint-<step> folders), or a Hub model id")
+    if args.dataset_name is not None:
+        dataset_file(args.dataset_name)
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise bad("output_dir", args.output_dir, "is a file, not a folder", "pass a folder path")
+    if (Path(args.output_dir) / SAMPLES_FILE).is_dir():
+        raise bad("output_dir", args.output_dir, f"{SAMPLES_FILE} in it is a folder", "pass another --output_dir")
 
 
 def load_problems(args: EvalArguments) -> tuple[list[str], list[str], str]:
-    """(problems, reference answers, dataset name)."""
-    if args.dataset_name is None:
-        rows, name = BUILTIN_PROBLEMS, "builtin-tiny-arithmetic"
-    else:
-        from datasets import load_dataset
+    """(problems, reference answers, dataset name). Checks the columns and their values; raises ValueError naming
+    the flag (and the columns that do exist)."""
+    from datasets import Dataset, load_dataset
 
-        path = Path(args.dataset_name)
-        if path.is_file():  # a single local file: datasets names its only split "train"
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
-            rows = load_dataset(builder, data_files=str(path), split="train")
-        else:
-            rows = load_dataset(args.dataset_name, name=args.dataset_config, split=args.dataset_split)
-        name = args.dataset_name
-    rows = list(rows)[: args.num_problems]
-    return [r[args.problem_column] for r in rows], [str(r[args.answer_column]) for r in rows], name
+    if args.dataset_name is None:
+        rows, name = Dataset.from_list(BUILTIN_PROBLEMS), "builtin-tiny-arithmetic"
+    else:
+        name, path = args.dataset_name, dataset_file(args.dataset_name)
+        try:
+            if path is not None:
+                rows = load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+            else:
+                rows = load_dataset(name, name=args.dataset_config, split=args.dataset_split)
+        except Exception as error:  # noqa: BLE001 - whatever went wrong, it is about the flags that chose the data
+            raise ValueError(
+                f"--dataset_name {name!r} (--dataset_config {args.dataset_config!r}, --dataset_split "
+                f"{args.dataset_split!r}) could not be loaded: {type(error).__name__}: {error}. Fix: check the name, "
+                "config and split; offline, only local files and datasets in the cache load.") from error
+    for flag, column in (("problem_column", args.problem_column), ("answer_column", args.answer_column)):
+        if column not in rows.column_names:
+            raise ValueError(f"--{flag} {column!r} is not a column of {name}; its columns are {rows.column_names}. "
+                             f"Fix: pass --{flag} <one of them>.")
+    if len(rows) == 0:
+        raise ValueError(f"--dataset_name {name!r} (split {args.dataset_split!r}) has no rows. Fix: pick another "
+                         "split or dataset.")
+    rows = rows.select(range(min(len(rows), args.num_problems or len(rows))))
+    problems, references = list(rows[args.problem_column]), list(rows[args.answer_column])
+    for i, problem in enumerate(problems):
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"--problem_column {args.problem_column!r}: row {i} of {name} is {problem!r:.80}, not "
+                             "a problem text. Fix: pick the column with the problem statements, or clean the data.")
+    for i, answer in enumerate(references):
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            raise ValueError(f"--answer_column {args.answer_column!r}: row {i} of {name} has no answer ({answer!r}). "
+                             "Fix: pick the column with the reference answers, or drop the rows without one.")
+    return problems, [str(answer) for answer in references], name
 
 
 def build_prompts(tokenizer, problems: list[str], args: EvalArguments) -> list[str]:
@@ -90,7 +243,9 @@ def build_prompts(tokenizer, problems: list[str], args: EvalArguments) -> list[s
     return texts
 
 
-def generate_transformers(model_path: str, prompts: list[str], args: EvalArguments) -> list[list[str]]:
+# --- Generation: a generator is loaded once, then called per batch of prompts with that batch's seed -------------
+
+def transformers_generator(model_path: str, args: EvalArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
@@ -98,27 +253,101 @@ def generate_transformers(model_path: str, prompts: list[str], args: EvalArgumen
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=args.dtype).to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(args.seed)
-    completions = []
-    for start in range(0, len(prompts), args.batch_size):
-        batch = tokenizer(prompts[start:start + args.batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+    greedy = args.temperature == 0  # generate refuses temperature 0 with sampling: decode greedily, once
+
+    def generate(prompts: list[str], seed: int) -> list[list[str]]:
+        torch.manual_seed(seed)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature,
+                                                             top_p=args.top_p, num_return_sequences=args.k)
         with torch.no_grad():
-            out = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                                 max_new_tokens=args.max_new_tokens, num_return_sequences=args.k,
+            out = model.generate(**batch, **sampling, max_new_tokens=args.max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].size(1):], skip_special_tokens=True)
-        completions += [texts[i:i + args.k] for i in range(0, len(texts), args.k)]
-    return completions
+        if greedy:
+            return [[text] * args.k for text in texts]
+        return [texts[i:i + args.k] for i in range(0, len(texts), args.k)]
+
+    return generate
 
 
-def generate_vllm(model_path: str, prompts: list[str], args: EvalArguments) -> list[list[str]]:  # GPU only
+def vllm_generator(model_path: str, args: EvalArguments):  # GPU only
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, dtype=args.dtype, seed=args.seed)
-    params = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
-                            seed=args.seed)
-    return [[o.text for o in result.outputs] for result in llm.generate(prompts, params)]
+
+    def generate(prompts: list[str], seed: int) -> list[list[str]]:
+        params = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_new_tokens, seed=seed)
+        return [[o.text for o in result.outputs] for result in llm.generate(prompts, params)]
+
+    return generate
+
+
+# --- eval_samples.jsonl: samples saved as they are produced ----------------------------------------------------
+
+def sampling_header(args: EvalArguments) -> dict:
+    return {"eval_samples_header": {name: getattr(args, name) for name in SAMPLING_ARGS}}
+
+
+def read_saved_samples(path: Path, args: EvalArguments, problems: list[str], references: list[str]) -> list:
+    """The completions already saved in ``path`` for the first problems (resuming), after checking they were made
+    with the same sampling arguments and the same problems. A line cut short by a crash is dropped from the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    good_end, lines = 0, []
+    for line in raw.splitlines(keepends=True):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("no newline: cut short")
+            lines.append(json.loads(line))
+        except ValueError:
+            break  # the rest was being written when the run died
+        good_end += len(line)
+    if good_end < len(raw):
+        with path.open("r+b") as f:  # appending after a half line would corrupt the file
+            f.truncate(good_end)
+    if not lines or "eval_samples_header" not in lines[0]:
+        if lines:
+            raise ValueError(f"--output_dir {str(path.parent)!r}: {path} is not an eval samples file. Fix: pass "
+                             f"another --output_dir, or move that file away.")
+        return []
+    saved, current = lines[0]["eval_samples_header"], sampling_header(args)["eval_samples_header"]
+    changed = [f"--{name}: {saved.get(name)!r} there, {current[name]!r} now" for name in SAMPLING_ARGS
+               if saved.get(name) != current[name]]
+    if changed:
+        raise ValueError(f"--output_dir {str(path.parent)!r} already holds samples made with other arguments "
+                         f"({'; '.join(changed)}); resuming would mix samples of two settings. Fix: pass another "
+                         f"--output_dir, or delete {path} to start over.")
+    completions = []
+    for i, entry in enumerate(lines[1:len(problems) + 1]):
+        if entry.get("index") != i or entry.get("problem") != problems[i] or entry.get("reference") != references[i]:
+            raise ValueError(f"--output_dir {str(path.parent)!r}: sample {i} in {path} is for another problem than "
+                             f"problem {i} of --dataset_name now (the data changed?). Fix: pass another --output_dir, "
+                             f"or delete {path} to start over.")
+        if not isinstance(entry.get("completions"), list) or len(entry["completions"]) != args.k:
+            raise ValueError(f"--output_dir {str(path.parent)!r}: sample {i} in {path} does not hold --k {args.k} "
+                             f"completions. Fix: delete {path} to start over.")
+        completions.append(entry["completions"])
+    return completions
+
+
+def append_samples(path: Path, start: int, problems, references, completions) -> None:
+    """Append one JSON line per problem, flushed to disk before returning: a crash afterwards loses none of them."""
+    lines = "".join(json.dumps({"index": start + i, "problem": p, "reference": r, "completions": c}) + "\n"
+                    for i, (p, r, c) in enumerate(zip(problems, references, completions)))
+    with path.open("a") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a results file whole or not at all (a crash mid-write keeps the previous file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def model_index(model_name: str, dataset_name: str, split: str, metrics: dict[str, float]) -> list[dict]:
@@ -144,26 +373,46 @@ def markdown_table(model_name: str, dataset_name: str, metrics: dict[str, float]
 def evaluate_math(args: EvalArguments) -> dict:
     from fipo_trl.math_metrics import load_math_metric
 
-    output_dir = Path(args.output_dir)
-    model_path = args.model_name_or_path
-    if model_path is None:
-        from fipo_trl.testing import build_tiny_model
-
-        model_path = str(build_tiny_model(output_dir / "base-model"))
+    # Everything that can be wrong with the inputs is found here, before the model is loaded.
+    validate(args)
     problems, references, dataset_name = load_problems(args)
-    from transformers import AutoTokenizer
-
-    prompts = build_prompts(AutoTokenizer.from_pretrained(model_path), problems, args)
+    output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output_dir {args.output_dir!r} cannot be created ({error}). Fix: pass a writable "
+                         "folder.") from error
+    samples_path = output_dir / SAMPLES_FILE
+    completions = read_saved_samples(samples_path, args, problems, references)
     use_vllm = args.use_vllm
     if use_vllm is None:
         use_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-    completions = (generate_vllm if use_vllm else generate_transformers)(model_path, prompts, args)
+
+    if len(completions) < len(problems):
+        if completions:
+            print(f"Resuming: {len(completions)} of {len(problems)} problems already sampled in {samples_path}")
+        elif not samples_path.exists() or samples_path.stat().st_size == 0:
+            samples_path.write_text(json.dumps(sampling_header(args)) + "\n")
+        model_path = args.model_name_or_path
+        if model_path is None:
+            from fipo_trl.testing import build_tiny_model
+
+            model_path = str(build_tiny_model(output_dir / TINY_MODEL_DIR))
+        from transformers import AutoTokenizer
+
+        prompts = build_prompts(AutoTokenizer.from_pretrained(model_path), problems, args)
+        generate = (vllm_generator if use_vllm else transformers_generator)(model_path, args)
+        for start in range(len(completions), len(problems), args.batch_size):
+            end = min(start + args.batch_size, len(problems))
+            batch = generate(prompts[start:end], seed=args.seed + start)  # per-batch seed: resuming is reproducible
+            append_samples(samples_path, start, problems[start:end], references[start:end], batch)
+            completions += batch
 
     scores = load_math_metric().compute(predictions=completions, references=references,
                                         k=args.pass_k or sorted({1, args.k}), timeout_seconds=args.timeout_seconds)
     counts = scores.pop("correct_counts")
     metrics = {name: float(value) for name, value in scores.items() if "@" in name}
-    model_name = Path(model_path).name if args.model_name_or_path is None else args.model_name_or_path
+    model_name = TINY_MODEL_DIR if args.model_name_or_path is None else args.model_name_or_path
     results = {
         "model": model_name, "dataset": dataset_name, "split": args.dataset_split, "metrics": metrics,
         "num_problems": scores["num_problems"], "num_samples": scores["num_samples"],
@@ -175,16 +424,18 @@ def evaluate_math(args: EvalArguments) -> dict:
         "samples": [{"problem": p, "reference": r, "completions": c, "num_correct": n}
                     for p, r, c, n in zip(problems, references, completions, counts)],
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+    write_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2))
     table = markdown_table(model_name, dataset_name, metrics)
-    (output_dir / "eval_results.md").write_text(table)
+    write_atomically(output_dir / "eval_results.md", table)
     print(table)
-    print(f"Results written to {output_dir / 'eval_results.json'} and {output_dir / 'eval_results.md'}")
+    print(f"Results written to {output_dir / 'eval_results.json'} and {output_dir / 'eval_results.md'} "
+          f"(samples: {samples_path})")
     return results
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """``fipo-trl eval``. A bad argument raises ValueError (message: the flag and the fix) before the model loads;
+    the console script prints it and exits with status 2."""
     from trl import TrlParser
 
     (args,) = TrlParser((EvalArguments,), prog="fipo-trl eval").parse_args_and_config(argv)

@@ -76,6 +76,28 @@ def _bound_log_ratios(batch: _MicroBatch, logps: torch.Tensor) -> torch.Tensor:
     return logps
 
 
+def _check_train_dataset(dataset, args: FIPOConfig) -> None:
+    """Fail before the model loads on a dataset TRL would only reject deep inside training, or train 0 steps on."""
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, list) and "prompt" not in columns:
+        raise ValueError(f"train_dataset has no 'prompt' column (its columns: {columns}). Fix: rename the column that "
+                         "holds the prompts, e.g. dataset.rename_column('question', 'prompt'), or in a recipe's "
+                         "`datasets:` entry select it with `columns:` after renaming it in the data.")
+    try:
+        size = len(dataset)
+    except TypeError:  # an IterableDataset (streaming): its size is unknown
+        return
+    needed = args.generation_batch_size // args.num_generations
+    if size < needed:
+        raise ValueError(
+            f"train_dataset has {size} prompts, but one generation batch takes {needed}: generation_batch_size "
+            f"{args.generation_batch_size} (per_device_train_batch_size {args.per_device_train_batch_size} x "
+            f"{args.world_size} processes x steps_per_generation {args.steps_per_generation}) / num_generations "
+            f"{args.num_generations}. Training would run 0 steps. Fix: add prompts, or lower "
+            "per_device_train_batch_size or fipo_updates_per_generation (steps_per_generation), or raise "
+            "num_generations.")
+
+
 def _non_finite_loss_message(loss: torch.Tensor, advantages: torch.Tensor, delta: float) -> str:
     largest = advantages.detach().abs().max().item() if advantages.numel() else 0.0
     # TRL sums per-token losses of at most delta x 1.2 x |A| each in float32: could that sum overflow?
@@ -126,6 +148,8 @@ class FIPOTrainer(GRPOTrainer):
             raise TypeError(f"FIPOTrainer needs `args` to be a FIPOConfig, got a {kind}. Replace GRPOConfig(...) with "
                             "fipo_trl.FIPOConfig(...): it takes the same arguments plus the FIPO fields.")
         check_trl_compatibility(args)
+        _check_train_dataset(kwargs["train_dataset"] if "train_dataset" in kwargs else (pargs[0] if pargs else None),
+                             args)
         if args.fipo_is_degenerate:
             message = (
                 f"FIPO is degenerate with this config and will train exactly like DAPO: steps_per_generation "
@@ -144,6 +168,16 @@ class FIPOTrainer(GRPOTrainer):
         self.fipo_backend: str | None = None  # which fipo_loss path computes the weights: "triton", "cpu" or "torch"
         self._last_rewards_per_func: torch.Tensor | None = None  # TRL's last rewards, read by dynamic sampling
         self._dynamic_sampler = DynamicSampler(self) if self.args.dynamic_sampling else None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """[`~transformers.Trainer.train`], safe against checkpoints cut short by a kill or a full disk: resuming
+        (True, "true" or a path) uses the newest *complete* checkpoint and warns about each partial one it skips,
+        and every save is marked in progress until it has finished (see fipo_trl/checkpoints.py)."""
+        from fipo_trl.checkpoints import guard_checkpoint_saves, prepare_resume
+
+        resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)
+        with guard_checkpoint_saves(self):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, eval_results: dict[str, dict[str, float]] | None = None):
@@ -212,11 +246,32 @@ class FIPOTrainer(GRPOTrainer):
             return super()._generate_and_score_completions(inputs)
         return self._dynamic_sampler(inputs, super()._generate_and_score_completions)
 
+    # The refill stream's position travels with the RNG states of each checkpoint (one file per process, like them).
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._dynamic_sampler is not None:
+            self._dynamic_sampler.save_state(output_dir, self.args.process_index)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if self._dynamic_sampler is not None and checkpoint is not None:
+            self._dynamic_sampler.load_state(checkpoint, self.args.process_index)
+
     def _calculate_rewards(self, *args, **kwargs):
         self._last_rewards_per_func = super()._calculate_rewards(*args, **kwargs)
         return self._last_rewards_per_func
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._fipo_loss_hooked = False
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+        if not self._fipo_loss_hooked:  # e.g. a TRL version whose Liger loss path skips _compute_loss
+            raise RuntimeError(_HOOK_BROKEN.format(what="was bypassed: GRPOTrainer.compute_loss did not call "
+                                                        "_compute_loss (is use_liger_kernel's fused loss on?)"))
+        return loss
+
     def _compute_loss(self, model, inputs):
+        self._fipo_loss_hooked = True
         if self._dynamic_sampler is not None and self.model.training and not self._dynamic_sampler.calls:
             raise RuntimeError("dynamic_sampling=True but FIPOTrainer._generate_and_score_completions never ran: "
                                "this TRL version generates elsewhere, so uniform groups would not be dropped. Set "

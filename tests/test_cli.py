@@ -170,3 +170,12 @@ def test_bad_training_data_is_one_error_line_before_the_model_loads(tmp_path, mo
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("fipo-trl: error: ") and __import__("re").search(match, error), error
+
+
+def test_a_resume_flag_with_nothing_to_resume_fails_first(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fipo-trl: error: ") and "resume_from_checkpoint" in error
+    assert not (tmp_path / "o" / "_base-model").exists()  # failed before building the model

@@ -61,6 +61,9 @@ def test_evaluate_script_end_to_end_on_the_tiny_model(tmp_path):
     assert set(results["metrics"]) == {"avg@4", "pass@1", "pass@2", "pass@4", "cons@1", "cons@2", "cons@4"}
     assert results["num_problems"] == 4 and all(len(s["completions"]) == 4 for s in results["samples"])
     assert results["generation"]["backend"] == "transformers"
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "eval_samples.jsonl").read_text().splitlines()]
+    assert samples[0]["eval_samples_header"]["k"] == 4 and len(samples) == 1 + 4  # header + one line per problem
+    assert [s["completions"] for s in samples[1:]] == [s["completions"] for s in results["samples"]]
     assert "| avg@4 |" in (tmp_path / "eval" / "eval_results.md").read_text()
     # The model-index block is what the Hub expects in a model card.
     from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -76,8 +79,18 @@ def test_eval_subcommand_on_a_local_dataset_file(tmp_path):
     data = tmp_path / "aime.jsonl"
     data.write_text("".join(json.dumps({"problem": f"what is {w} plus one ?", "answer": a}) + "\n"
                             for w, a in [("one", "2"), ("two", "3")]))
-    results = cli.main(["eval", "--dataset_name", str(data), "--k", "2", "--max_new_tokens", "4",
-                        "--output_dir", str(tmp_path / "e")])
+    cli.main(["eval", "--dataset_name", str(data), "--k", "2", "--max_new_tokens", "4",
+              "--output_dir", str(tmp_path / "e")])  # the console script returns None: read what it wrote
+    results = json.loads((tmp_path / "e" / "eval_results.json").read_text())
     assert results["num_problems"] == 2 and set(results["metrics"]) == {"avg@2", "pass@1", "pass@2", "cons@1",
                                                                         "cons@2"}
     assert load_math_metric().name == "math_metrics"
+
+
+def test_evaluate_script_refuses_bad_flags_with_status_2_before_loading_anything(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "evaluate_math.py"), "--k", "2", "--pass_k", "5",
+                             "--output_dir", str(tmp_path / "eval")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "evaluate_math.py: error: --pass_k [5]" in result.stderr and "raise --k to 5" in result.stderr
+    assert not (tmp_path / "eval").exists()  # the tiny model was not even built

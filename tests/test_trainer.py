@@ -392,3 +392,14 @@ def test_model_card_written_on_save_cites_fipo(tiny_model_path, tmp_path):
 def test_trl_version_is_the_supported_one():
     major, minor = (int(x) for x in trl.__version__.split(".")[:2])
     assert (major, minor) == (1, 16)
+
+
+def test_a_loss_path_that_bypasses_the_hook_stops_training(tiny_model_path, tmp_path, monkeypatch):
+    """Newer TRL routes compute_loss around _compute_loss for its Liger loss: FIPO weights would silently vanish."""
+
+    def liger_like_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return sum(p.sum() for p in model.parameters()) * 0.0  # a loss computed elsewhere
+
+    monkeypatch.setattr(GRPOTrainer, "compute_loss", liger_like_compute_loss)
+    with pytest.raises(RuntimeError, match="bypassed: GRPOTrainer.compute_loss did not call _compute_loss"):
+        train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path)
