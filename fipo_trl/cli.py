@@ -22,6 +22,7 @@ from trl import (DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, 
                  get_quantization_config)
 
 from fipo_trl.config import FIPOConfig
+from fipo_trl.hub import warn_hub_failure
 
 # The embedded default when no model is named (no --model_name_or_path, no --config); flags still win.
 EMBEDDED_DEFAULTS = dict(
@@ -249,7 +250,7 @@ def save_merged_model(trainer, push: bool) -> None:
             api.upload_folder(repo_id=repo_id, folder_path=merged_dir, commit_message="Merged FIPO LoRA adapter")
             trainer.accelerator.print(f"Merged model pushed to {repo_id}")
         except Exception as error:  # noqa: BLE001 - a Hub failure must not lose the run: the model is on disk
-            trainer._warn_hub_failure("push the merged model", error, repo_id=repo_id)
+            warn_hub_failure(trainer, "push the merged model", error, repo_id=repo_id)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
+from fipo_trl.dynamic_sampling import DynamicSamplingConfig
 from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters
 
 # How each functional-API argument is spelled in the config, so validation errors name the config field.
@@ -22,7 +23,7 @@ CONFIG_FIELD_NAMES = {
 
 
 @dataclass
-class FIPOConfig(GRPOConfig):
+class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
     r"""
     Configuration for [`FIPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the FIPO fields below.
 
@@ -67,27 +68,6 @@ class FIPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Drop a completion with more than one dual-clipped token (negative advantage and "
                   "importance ratio > `delta`) from the loss, as the official code does."},
-    )
-
-    # Dynamic sampling (DAPO filter_groups; fipo_trl/dynamic_sampling.py) -------------------------------------------
-    dynamic_sampling: bool = field(
-        default=False,
-        metadata={"help": "Drop prompt groups whose rewards all agree (advantage 0) and generate fresh groups until "
-                  "the generation batch is full again, as the official DAPO/FIPO recipe does (filter_groups). "
-                  "Any number of processes; needs scale_rewards 'group' or 'none'. Paper: on."},
-    )
-    dynamic_sampling_max_retries: int = field(
-        default=10,
-        metadata={"help": "With dynamic_sampling: at most this many extra generation batches per step; if the batch "
-                  "is still short, it is filled with uniform groups at advantage 0 (logged as "
-                  "dynamic_sampling/filled_groups). Official: up to 10 generation batches of 4x the train batch, "
-                  "i.e. 39 retries of one train batch."},
-    )
-    dynamic_sampling_metric: str | None = field(
-        default=None,
-        metadata={"help": "With dynamic_sampling: the reward function (by name, e.g. 'math_verify_reward') whose "
-                  "values decide whether a group is uniform. None: the weighted sum of all rewards. Official: the "
-                  "accuracy ('acc'), i.e. the correctness reward without the overlong penalty."},
     )
 
     # GRPO fields whose defaults FIPO changes -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Dynamic sampling (DAPO's ``filter_groups``) for FIPOTrainer.
+"""Dynamic sampling (DAPO's ``filter_groups``) for any GRPOTrainer: a trainer mixin and a config mixin.
 
 A prompt group whose G completions all get the same reward has advantage 0 for every completion: it adds nothing to
 the loss numerator but still counts in the token-mean denominator. The official DAPO/FIPO recipe drops such groups and
@@ -30,11 +30,12 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DynamicSampler", "PromptGroupStream", "check_dynamic_sampling_args", "concat_generation_outputs",
-           "group_keep_mask", "select_rows"]
+__all__ = ["DynamicSampler", "DynamicSamplingConfig", "DynamicSamplingMixin", "PromptGroupStream",
+           "check_dynamic_sampling_args", "concat_generation_outputs", "group_keep_mask", "select_rows"]
 
 # How each tensor of TRL's generation output is padded (value) and on which side, for concatenating batches whose
 # padded widths differ. Any other key (multimodal inputs, new TRL fields) is refused by name.
@@ -197,57 +198,43 @@ class PromptGroupStream:
 
 
 class DynamicSampler:
-    """The fill loop, owned by a FIPOTrainer with ``dynamic_sampling=True``.
+    """The fill loop, with everything it needs passed in (no trainer internals).
 
-    ``trainer._generate_and_score_completions`` calls it with the dataloader's rows and TRL's own
-    ``_generate_and_score_completions``; the rewards of each generated batch are those TRL's ``_calculate_rewards``
-    returned (FIPOTrainer keeps the last ones in ``_last_rewards_per_func``).
+    ``sampler(rows, generate)`` returns one generation batch of mixed groups and its statistics; ``generate(rows)``
+    is TRL's generate-and-score on this rank's rows, returning the generation output and the (N, n_funcs) rewards of
+    the whole generation batch (gathered across ranks, as TRL's ``_calculate_rewards`` returns them).
     """
 
     STATE_FILE = "dynamic_sampling_state_{rank}.json"  # in each checkpoint, one per process like the RNG states
 
-    def __init__(self, trainer):
-        args = trainer.args
-        check_dynamic_sampling_args(args)
-        self.metric_index = None
-        if args.dynamic_sampling_metric is not None:
-            if args.dynamic_sampling_metric not in trainer.reward_func_names:
-                raise ValueError(f"dynamic_sampling_metric = {args.dynamic_sampling_metric!r} is not one of the "
-                                 f"reward functions {trainer.reward_func_names}.")
-            self.metric_index = trainer.reward_func_names.index(args.dynamic_sampling_metric)
-        self.trainer = trainer
-        self.num_generations = trainer.num_generations
-        self.max_retries = args.dynamic_sampling_max_retries
+    def __init__(self, *, dataset, num_generations: int, max_retries: int, seed: int, accelerator, pad_token_id: int,
+                 reward_weights: torch.Tensor, metric_index: int | None = None):
+        self.num_generations = num_generations
+        self.max_retries = max_retries
+        self.accelerator = accelerator
+        self.pad_token_id = pad_token_id
+        self.reward_weights = reward_weights
+        self.metric_index = metric_index
         # A stream of its own, seeded apart from the trainer's sampler so refills are not the batch's own prompts.
-        self.stream = PromptGroupStream(trainer.train_dataset, self.num_generations, seed=args.seed + 1)
-        self.calls = 0  # generation steps served; FIPOTrainer checks it to know the hook ran
+        self.stream = PromptGroupStream(dataset, num_generations, seed=seed + 1)
+        self.calls = 0  # generation steps served; DynamicSamplingMixin checks it to know the hook ran
 
-    def rewards(self) -> torch.Tensor:
+    def deciding_rewards(self, per_func: torch.Tensor) -> torch.Tensor:
         """(N,) rewards that decide a group's fate: the chosen reward function, or the weighted sum (NaN where every
         function returned None, as TRL treats such completions)."""
-        per_func = self.trainer._last_rewards_per_func
-        if per_func is None:
-            raise RuntimeError("dynamic_sampling: TRL's _generate_and_score_completions no longer calls "
-                               "_calculate_rewards, so the rewards of the generated groups are unknown. Set "
-                               "dynamic_sampling=False or install the TRL version fipo_trl supports (trl>=1.16,<1.17).")
         if self.metric_index is not None:
             return per_func[:, self.metric_index]
-        rewards = (per_func * self.trainer.reward_weights.to(per_func.device)[None]).nansum(dim=1)
+        rewards = (per_func * self.reward_weights.to(per_func.device)[None]).nansum(dim=1)
         rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
         return rewards
 
-    def generate_and_score(self, rows: list[dict], generate: Callable[[list[dict]], dict]) -> tuple[dict, torch.Tensor]:
-        self.trainer._last_rewards_per_func = None
-        output = generate(rows)
-        return output, self.rewards()
-
-    def __call__(self, rows: list[dict], generate: Callable[[list[dict]], dict]) -> dict:
-        """One generation batch of mixed groups: ``rows`` are this rank's prompts, ``generate`` is TRL's
-        generate-and-score on this rank's rows. Everything below the generation works on the gathered (global)
-        batch, identically on every rank; only the last step takes this rank's slice."""
+    def __call__(self, rows: list[dict], generate: Callable[[list[dict]], tuple[dict, torch.Tensor]]
+                 ) -> tuple[dict, dict[str, float]]:
+        """One generation batch of mixed groups for this rank, and the statistics to log. Everything below the
+        generation works on the gathered (global) batch, identically on every rank; only the last step takes this
+        rank's slice."""
         self.calls += 1
-        accelerator = self.trainer.accelerator
-        pad_token_id = self.trainer._tokenizer.pad_token_id
+        accelerator, pad_token_id = self.accelerator, self.pad_token_id
         local_rows = len(rows)
         num_rows = local_rows * accelerator.num_processes
         local = slice(accelerator.process_index * local_rows, (accelerator.process_index + 1) * local_rows)
@@ -255,9 +242,9 @@ class DynamicSampler:
         kept, dropped = [], []
         kept_groups = generated = dropped_groups = retries = 0
         while True:
-            output, rewards = self.generate_and_score(rows, generate)  # rewards: gathered by TRL, global
+            output, rewards_per_func = generate(rows)
             output = gather_generation_output(output, accelerator, pad_token_id)
-            keep = group_keep_mask(rewards, self.num_generations)
+            keep = group_keep_mask(self.deciding_rewards(rewards_per_func), self.num_generations)
             generated += len(keep)
             dropped_groups += int((~keep).sum())
             kept_groups += int(keep.sum())
@@ -275,7 +262,7 @@ class DynamicSampler:
             warnings.warn(f"dynamic_sampling: only {kept_groups} of {target_groups} prompt groups had differing "
                           f"rewards after {retries} retries; filling the batch with {filled_groups} uniform groups "
                           "(advantage 0). Raise dynamic_sampling_max_retries, or check the data's difficulty.",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=3)
             for filler in dropped:
                 filler["advantages"] = torch.zeros_like(filler["advantages"])  # uniform group: no learning signal
             kept.extend(dropped)
@@ -288,9 +275,7 @@ class DynamicSampler:
         stats = {"dropped_groups": dropped_groups, "dropped_ratio": dropped_groups / generated,
                  "generated_groups": generated, "kept_groups": min(kept_groups, target_groups), "retries": retries,
                  "filled_groups": filled_groups}
-        for name, value in stats.items():
-            self.trainer._metrics["train"][f"dynamic_sampling/{name}"].append(float(value))
-        return batch
+        return batch, {name: float(value) for name, value in stats.items()}
 
     def save_state(self, checkpoint_dir: str, rank: int) -> None:
         path = os.path.join(checkpoint_dir, self.STATE_FILE.format(rank=rank))
@@ -306,3 +291,101 @@ class DynamicSampler:
             return
         with open(path) as f:
             self.stream.load_state_dict(json.load(f))
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """The dynamic-sampling fields, to mix into a ``GRPOConfig`` subclass before it (FIPOConfig does):
+    ``@dataclass class MyConfig(DynamicSamplingConfig, GRPOConfig)``."""
+
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "Drop prompt groups whose rewards all agree (advantage 0) and generate fresh groups until "
+                  "the generation batch is full again, as the official DAPO/FIPO recipe does (filter_groups). "
+                  "Any number of processes; needs scale_rewards 'group' or 'none'. Paper: on."},
+    )
+    dynamic_sampling_max_retries: int = field(
+        default=10,
+        metadata={"help": "With dynamic_sampling: at most this many extra generation batches per step; if the batch "
+                  "is still short, it is filled with uniform groups at advantage 0 (logged as "
+                  "dynamic_sampling/filled_groups). Official: up to 10 generation batches of 4x the train batch, "
+                  "i.e. 39 retries of one train batch."},
+    )
+    dynamic_sampling_metric: str | None = field(
+        default=None,
+        metadata={"help": "With dynamic_sampling: the reward function (by name, e.g. 'math_verify_reward') whose "
+                  "values decide whether a group is uniform. None: the weighted sum of all rewards. Official: the "
+                  "accuracy ('acc'), i.e. the correctness reward without the overlong penalty."},
+    )
+
+    def __post_init__(self):
+        if hasattr(super(), "__post_init__"):  # the GRPOConfig it is mixed into
+            super().__post_init__()
+        if self.dynamic_sampling:  # at config time: before any model is loaded
+            check_dynamic_sampling_args(self)
+
+
+class DynamicSamplingMixin:
+    """DAPO's filter_groups for any ``GRPOTrainer``: ``class MyTrainer(DynamicSamplingMixin, GRPOTrainer)`` with a
+    config that has the :class:`DynamicSamplingConfig` fields. It wraps TRL's ``_generate_and_score_completions``
+    (reading the rewards through ``_calculate_rewards``), logs ``dynamic_sampling/*``, saves the refill stream with
+    each checkpoint, and stops training with an error if TRL stops calling the hook."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_rewards_per_func: torch.Tensor | None = None
+        self._dynamic_sampler = None
+        if not getattr(self.args, "dynamic_sampling", False):
+            return
+        check_dynamic_sampling_args(self.args)
+        metric = self.args.dynamic_sampling_metric
+        if metric is not None and metric not in self.reward_func_names:
+            raise ValueError(f"dynamic_sampling_metric = {metric!r} is not one of the reward functions "
+                             f"{self.reward_func_names}.")
+        self._dynamic_sampler = DynamicSampler(
+            dataset=self.train_dataset, num_generations=self.num_generations,
+            max_retries=self.args.dynamic_sampling_max_retries, seed=self.args.seed, accelerator=self.accelerator,
+            pad_token_id=self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id")
+            else self.processing_class.tokenizer.pad_token_id, reward_weights=self.reward_weights,
+            metric_index=None if metric is None else self.reward_func_names.index(metric))
+
+    def _calculate_rewards(self, *args, **kwargs):
+        self._last_rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        return self._last_rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        if self._dynamic_sampler is None or not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+
+        def generate(rows):
+            self._last_rewards_per_func = None
+            output = super(DynamicSamplingMixin, self)._generate_and_score_completions(rows)
+            if self._last_rewards_per_func is None:
+                raise RuntimeError("dynamic_sampling: TRL's _generate_and_score_completions no longer calls "
+                                   "_calculate_rewards, so the rewards of the generated groups are unknown. Set "
+                                   "dynamic_sampling=False or install the TRL version fipo_trl supports.")
+            return output, self._last_rewards_per_func
+
+        batch, stats = self._dynamic_sampler(inputs, generate)
+        for name, value in stats.items():
+            self._metrics["train"][f"dynamic_sampling/{name}"].append(value)
+        return batch
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self._dynamic_sampler is not None and not self._dynamic_sampler.calls:
+            raise RuntimeError("dynamic_sampling=True but the trainer's _generate_and_score_completions never ran: "
+                               "this TRL version generates elsewhere, so uniform groups would not be dropped. Set "
+                               "dynamic_sampling=False or install the TRL version fipo_trl supports.")
+        return loss
+
+    # The refill stream's position travels with the RNG states of each checkpoint (one file per process, like them).
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._dynamic_sampler is not None:
+            self._dynamic_sampler.save_state(output_dir, self.args.process_index)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if self._dynamic_sampler is not None and checkpoint is not None:
+            self._dynamic_sampler.load_state(checkpoint, self.args.process_index)

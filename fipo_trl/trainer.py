@@ -20,7 +20,8 @@ from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
-from fipo_trl.dynamic_sampling import DynamicSampler
+from fipo_trl.dynamic_sampling import DynamicSamplingMixin
+from fipo_trl.hub import HubResilienceMixin
 from fipo_trl.kernels.fipo_torch import LOG_RATIO_CLAMP
 from fipo_trl.loss import fipo_loss, metrics_from_stats, stack_stats
 from fipo_trl.model_card import render_model_card
@@ -113,7 +114,7 @@ def _non_finite_loss_message(loss: torch.Tensor, advantages: torch.Tensor, delta
             f"checkpoints are intact. Cause: {cause}.")
 
 
-class FIPOTrainer(GRPOTrainer):
+class FIPOTrainer(HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
     """Trainer for FIPO (arXiv 2603.19835). Use exactly like [`~trl.GRPOTrainer`], with a [`FIPOConfig`].
 
     Loss normalisation: with ``loss_type="bnpo"`` (FIPOConfig's default) each micro-batch contributes the token mean
@@ -166,8 +167,6 @@ class FIPOTrainer(GRPOTrainer):
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
         self.fipo_backend: str | None = None  # which fipo_loss path computes the weights: "triton", "cpu" or "torch"
-        self._last_rewards_per_func: torch.Tensor | None = None  # TRL's last rewards, read by dynamic sampling
-        self._dynamic_sampler = DynamicSampler(self) if self.args.dynamic_sampling else None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """[`~transformers.Trainer.train`], safe against checkpoints cut short by a kill or a full disk: resuming
@@ -191,76 +190,6 @@ class FIPOTrainer(GRPOTrainer):
                                  eval_results=eval_results)
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
-    # Hub pushes: a Hub outage must neither stop training nor lose anything. transformers pushes checkpoints in
-    # background futures whose errors nobody reads; here every failure is reported, and the run goes on with its
-    # checkpoints safe in output_dir. Any exception is caught on purpose: the push path must never kill a run.
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        try:
-            super().init_hf_repo(token=token, private=private)
-            self._hub_repo_ready = True
-        except Exception as error:  # noqa: BLE001
-            self._hub_repo_ready = False
-            self.hub_model_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-            self.push_in_progress = None
-            self._warn_hub_failure("create the Hub repository", error)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        if not getattr(self, "_hub_repo_ready", True):
-            self.init_hf_repo()  # the Hub may be back
-            if not self._hub_repo_ready:
-                return
-        try:
-            super()._push_from_checkpoint(checkpoint_folder)
-        except Exception as error:  # noqa: BLE001
-            self._warn_hub_failure(f"push {checkpoint_folder}", error)
-            return
-        for job in self.push_in_progress.jobs if self.push_in_progress is not None else ():
-            if not getattr(job, "_fipo_watched", False):
-                job._fipo_watched = True
-                job.add_done_callback(self._report_failed_push)
-
-    def push_to_hub(self, *args, **kwargs):
-        try:
-            return super().push_to_hub(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001
-            self._warn_hub_failure("push the model", error)
-            return None
-
-    def _report_failed_push(self, job) -> None:
-        if not job.cancelled() and job.exception() is not None:
-            self._warn_hub_failure("push a checkpoint", job.exception())
-
-    def _warn_hub_failure(self, action: str, error: BaseException, repo_id: str | None = None) -> None:
-        repo_id = self.hub_model_id if repo_id is None else repo_id
-        message = (f"FIPOTrainer could not {action} to {repo_id!r}: {type(error).__name__}: {error}. "
-                   f"Training continues and nothing is lost: the model and checkpoints are in "
-                   f"{os.path.abspath(self.args.output_dir)}. Push them later with trainer.push_to_hub() or "
-                   "`hf upload`.")
-        warnings.warn(message, UserWarning, stacklevel=2)
-        logger.warning(message)
-
-    # Dynamic sampling (fipo_trl/dynamic_sampling.py): wraps TRL's generation + scoring of a training batch.
-    def _generate_and_score_completions(self, inputs):
-        if self._dynamic_sampler is None or not self.model.training:
-            return super()._generate_and_score_completions(inputs)
-        return self._dynamic_sampler(inputs, super()._generate_and_score_completions)
-
-    # The refill stream's position travels with the RNG states of each checkpoint (one file per process, like them).
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
-        if self._dynamic_sampler is not None:
-            self._dynamic_sampler.save_state(output_dir, self.args.process_index)
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if self._dynamic_sampler is not None and checkpoint is not None:
-            self._dynamic_sampler.load_state(checkpoint, self.args.process_index)
-
-    def _calculate_rewards(self, *args, **kwargs):
-        self._last_rewards_per_func = super()._calculate_rewards(*args, **kwargs)
-        return self._last_rewards_per_func
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._fipo_loss_hooked = False
         loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -272,10 +201,6 @@ class FIPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._fipo_loss_hooked = True
-        if self._dynamic_sampler is not None and self.model.training and not self._dynamic_sampler.calls:
-            raise RuntimeError("dynamic_sampling=True but FIPOTrainer._generate_and_score_completions never ran: "
-                               "this TRL version generates elsewhere, so uniform groups would not be dropped. Set "
-                               "dynamic_sampling=False or install the TRL version fipo_trl supports (trl>=1.16,<1.17).")
         batch = _MicroBatch(inputs)
         self._fipo_pending = (model, batch)
         try:

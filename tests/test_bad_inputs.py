@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
+from fipo_trl.hub import warn_hub_failure
 from fipo_trl.influence import render_influence_html
 from fipo_trl.rewards import MathVerifyReward, overlong_penalty
 from fipo_trl.testing import tiny_prompt_dataset
@@ -174,7 +175,7 @@ def test_hub_warning_names_the_repository_once(tiny_model_path, tmp_path):
                           args=config(tmp_path, hub_model_id="me/run"), train_dataset=tiny_prompt_dataset(8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer._warn_hub_failure("push the merged model", OSError("offline"), repo_id="me/run-merged")
+        warn_hub_failure(trainer, "push the merged model", OSError("offline"), repo_id="me/run-merged")
     (message,) = [str(w.message) for w in caught]
     assert message.startswith("FIPOTrainer could not push the merged model to 'me/run-merged': OSError: offline.")
     assert "'me/run'" not in message

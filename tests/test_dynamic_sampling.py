@@ -133,3 +133,32 @@ def test_concat_pads_each_side_and_recounts_tokens():
     assert select_rows(merged, torch.tensor([1]))["advantages"].tolist() == [-1.0]
     with pytest.raises(ValueError, match="pixel_values"):
         concat_generation_outputs([{**a, "pixel_values": torch.zeros(1, 3)}], pad_token_id=0)
+
+
+def test_the_mixin_brings_dynamic_sampling_to_a_plain_grpo_trainer(tiny_model_path, tmp_path):
+    """Dynamic sampling is not FIPO: mixed into GRPOTrainer and GRPOConfig it drops the uniform groups there too."""
+    from dataclasses import dataclass
+
+    from trl import GRPOConfig
+
+    from fipo_trl.dynamic_sampling import DynamicSamplingConfig, DynamicSamplingMixin
+
+    @dataclass
+    class SamplingGRPOConfig(DynamicSamplingConfig, GRPOConfig):
+        pass
+
+    class SamplingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
+        pass
+
+    args = SamplingGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=G,
+                              max_completion_length=8, steps_per_generation=4, max_steps=4, report_to="none",
+                              logging_steps=1, save_strategy="no", bf16=False, seed=0, disable_tqdm=True,
+                              dynamic_sampling=True, dynamic_sampling_max_retries=8)
+    trainer = SamplingGRPOTrainer(model=tiny_model_path, reward_funcs=odd_answers_uniform, args=args,
+                                  train_dataset=tiny_prompt_dataset(32))
+    batches = record_batches(trainer)
+    trainer.train()
+    assert len(batches) == 1 and not isinstance(trainer, FIPOTrainer)
+    for g in range(0, 16, G):
+        assert batches[0]["advantages"][g:g + G].abs().max() > 0.1  # only mixed groups
+    assert sum(logged(trainer, "dynamic_sampling/dropped_groups")) > 0
