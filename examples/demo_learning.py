@@ -48,8 +48,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from fipo_trl.callbacks import PrintFIPOMetricsCallback
-    from fipo_trl.demo import (arithmetic_problems, build_trainer, final_reward, greedy_accuracy, prepare_model,
-                               quiet_progress_bar, timed, training_args)
+    from fipo_trl.demo import (
+        arithmetic_problems,
+        build_trainer,
+        final_reward,
+        greedy_accuracy,
+        prepare_model,
+        quiet_progress_bar,
+        timed,
+        training_args,
+    )
     from fipo_trl.influence import TokenInfluenceCallback
     from fipo_trl.plots import TrainingCurvesCallback
 

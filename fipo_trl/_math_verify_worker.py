@@ -2,7 +2,8 @@
 
 Run as a script (``python -P _math_verify_worker.py <soft timeout s>``) so that it imports math-verify only,
 not torch or TRL. Protocol: one JSON object per line on stdin ``{"gold": str, "pred": str}``, one JSON line on
-stdout ``{"equal": bool, "error": str | null}``, after a first ``{"ready": true}`` line. math-verify's own signal-based timeouts work here because they run in
+stdout ``{"equal": bool, "error": str | null}``, after a first ``{"ready": true}`` line.
+math-verify's own signal-based timeouts work here because they run in
 this process's main thread; the parent adds a hard wall-clock limit and kills this process if it is exceeded (a
 signal cannot interrupt a long C-level computation such as a huge integer power).
 """

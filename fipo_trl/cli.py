@@ -2,7 +2,7 @@
 
     fipo-trl [train] [flags]         train (the default subcommand); `fipo-trl --help` lists every flag
     fipo-trl train --config examples/recipes/qwen2.5-1.5b-single-gpu.yaml
-    fipo-trl eval --model_name_or_path outputs/my-run --k 16 ...        avg@k / pass@k / cons@k (`fipo-trl eval --help`)
+    fipo-trl eval --model_name_or_path outputs/my-run --k 16 ...       avg@k / pass@k / cons@k (`fipo-trl eval --help`)
     accelerate launch --config_file <accelerate config> -m fipo_trl.cli train --config recipe.yaml
 
 With no model (no --model_name_or_path and no --config, or a recipe without one) ``train`` builds a tiny Llama locally
@@ -18,8 +18,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import (DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset, get_peft_config,
-                 get_quantization_config)
+from trl import (
+    DatasetMixtureConfig,
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_dataset,
+    get_peft_config,
+    get_quantization_config,
+)
 
 from fipo_trl.config import FIPOConfig
 from fipo_trl.hub import warn_hub_failure
@@ -110,7 +117,8 @@ def _import_reward(dotted: str):
 USAGE = """Train with FIPO (arXiv 2603.19835): TRL's GRPO script with FIPOTrainer/FIPOConfig.
 Subcommands: `fipo-trl train [flags]` (the default) and `fipo-trl eval [flags]` (avg@k / pass@k / cons@k; see
 `fipo-trl eval --help`). `--config recipe.yaml` reads the flags from a YAML file (examples/recipes/); flags given on
-the command line win. With no model (no --model_name_or_path, no --config) a tiny model is built and trained locally."""
+the command line win. With no model (no --model_name_or_path, no --config) a tiny model is built and trained
+locally."""
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -151,7 +159,8 @@ def load_training_data(script_args, dataset_args, embedded: bool):
         if path.is_file() or path.suffix.lower() in LOCAL_FILE_BUILDERS:  # a single local file
             if path.suffix.lower() not in LOCAL_FILE_BUILDERS:
                 raise ValueError(f"--dataset_name {name!r}: a {path.suffix} file cannot be read as a dataset. Fix: "
-                                 f"use one of {', '.join(LOCAL_FILE_BUILDERS)} (JSON lines: one object per line, with a "
+                                 f"use one of {', '.join(LOCAL_FILE_BUILDERS)} (JSON lines: one object per line, "
+                                 "with a "
                                  "'prompt' column).")
             if not path.is_file():
                 raise ValueError(f"--dataset_name {name!r}: no such file.")

@@ -66,7 +66,8 @@ class EvalArguments:
         default=1.0, metadata={"help": "Sampling temperature (0: greedy). Official validation: 1.0."})
     top_p: float = field(default=0.7, metadata={"help": "Nucleus sampling. Official validation (AIME): 0.7."})
     batch_size: int = field(
-        default=8, metadata={"help": "Problems per generate call (transformers, and vLLM: raise it there); each call's "
+        default=8, metadata={"help": "Problems per generate call (transformers, and vLLM: raise it there); each "
+                             "call's "
                              "samples are saved to eval_samples.jsonl as soon as it returns."})
     use_vllm: bool | None = field(
         default=None, metadata={"help": "Generate with vLLM. Default: when vLLM is installed and a GPU is present."})

@@ -179,7 +179,8 @@ class FIPOTrainer(HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None, eval_results: dict[str, dict[str, float]] | None = None):
+                          tags: str | list[str] | None = None,
+                          eval_results: dict[str, dict[str, float]] | None = None):
         """Write the FIPO model card (``model_cards/fipo_model_card.md``) to ``output_dir/README.md``: base model,
         dataset, FIPO hyperparameters, training curves, evaluation results (``{dataset: {metric: value}}``, also as
         model-index), library versions, citations and how to load the model or adapter. Called on every checkpoint

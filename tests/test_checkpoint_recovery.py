@@ -20,8 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fipo_trl.checkpoints import (checkpoint_problems, list_checkpoints, newest_complete_checkpoint, resolve_resume,
-                                  saving_marker, set_aside_incomplete)
+from fipo_trl.checkpoints import (
+    checkpoint_problems,
+    list_checkpoints,
+    newest_complete_checkpoint,
+    resolve_resume,
+    saving_marker,
+    set_aside_incomplete,
+)
 
 HERE = Path(__file__).resolve()
 

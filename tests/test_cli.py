@@ -113,7 +113,8 @@ def test_bad_reward_funcs_fail_first_with_one_line_naming_the_flag(tmp_path, rew
 
 
 def test_reward_import_puts_the_working_directory_on_sys_path_only_for_the_import(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text("def length(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    source = "def length(completions, **kwargs):\n    return [0.0] * len(completions)\n"
+    (tmp_path / "my_rewards.py").write_text(source)
     monkeypatch.chdir(tmp_path)
     before = list(sys.path)
     (function,) = cli.load_reward_funcs(["my_rewards.length"], None, None)

@@ -89,7 +89,6 @@ def test_dynamic_sampling_on_two_processes_and_its_resume(tiny_model_path, tmp_p
         assert len(local0["prompts"]) == len(local1["prompts"]) == 6  # each rank trains its own share
         assert local0["num_items_in_batch"] == local1["num_items_in_batch"]  # TRL's global token count
         prompts = local0["prompts"] + local1["prompts"]  # the generation batch, in TRL's rank order
-        answers = local0["answers"] + local1["answers"]
         for g in range(0, 12, 4):
             assert len(set(prompts[g:g + 4])) == 1, prompts  # whole groups, one straddling the ranks
         filled = [log["dynamic_sampling/filled_groups"] for log in logs[0]]

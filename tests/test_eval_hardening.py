@@ -83,7 +83,8 @@ def test_bad_values_set_in_python_or_yaml_are_refused_too(tmp_path, no_model_loa
     # argparse refuses `--pass_k 1.5` itself; values set in Python (or a --config YAML) reach validate as they are
     for field, value, text in [("pass_k", [1, 2.5], "--pass_k [1, 2.5]"), ("pass_k", 4, "--pass_k 4"),
                                ("k", 2.0, "--k 2.0"),
-                               ("temperature", float("nan"), "--temperature nan"), ("batch_size", True, "--batch_size"),
+                               ("temperature", float("nan"), "--temperature nan"),
+                               ("batch_size", True, "--batch_size"),
                                ("max_new_tokens", "64", "--max_new_tokens '64'")]:
         args = EvalArguments(model_name_or_path=NEVER_LOADED, output_dir=str(tmp_path / "out"), **{field: value})
         with pytest.raises(ValueError, match="Fix"):

@@ -26,7 +26,8 @@ def test_resume_after_sigkill_on_a_generation_boundary_equals_an_uninterrupted_r
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "killed" / "checkpoint-4").is_dir() and not (tmp_path / "killed" / "final.pt").exists()
 
-    resumed = run(tiny_model_path, tmp_path / "killed", "--resume_from_checkpoint", tmp_path / "killed" / "checkpoint-4")
+    checkpoint = tmp_path / "killed" / "checkpoint-4"
+    resumed = run(tiny_model_path, tmp_path / "killed", "--resume_from_checkpoint", checkpoint)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = torch.load(tmp_path / "reference" / "final.pt")
     actual = torch.load(tmp_path / "killed" / "final.pt")

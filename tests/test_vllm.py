@@ -3,12 +3,12 @@ The GPU runs (vLLM colocate, with and without LoRA) are in tests/test_gpu.py."""
 
 import pytest
 import torch
+from test_trainer import config_kwargs, crafted_micro_batch
 from transformers import AutoTokenizer
 from trl import TrlParser
 
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
 from fipo_trl.testing import digit_reward, tiny_prompt_dataset
-from test_trainer import config_kwargs, crafted_micro_batch
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])

@@ -37,7 +37,7 @@ def main(model_path, output_dir, result_dir, checkpoint=None):
     trainer = FIPOTrainer(model=model_path, reward_funcs=odd_answers_uniform, args=args,
                           train_dataset=tiny_prompt_dataset(32))
     batches, original = [], trainer._generate_and_score_completions
-    answers = {p: a for p, a in zip(trainer.train_dataset["prompt"], trainer.train_dataset["answer"])}
+    answers = dict(zip(trainer.train_dataset["prompt"], trainer.train_dataset["answer"]))
 
     def recording(inputs):
         batch = original(inputs)
