@@ -1,17 +1,19 @@
 """Forward+backward time and peak extra memory of the FIPO loss vs the official algorithm and TRL's DAPO loss.
 
     python benchmarks/bench_fipo_loss.py [--lengths 2048 8192 20480 32768] [--repeats 20] [--max-official-length 20480]
+        [--results-dir benchmarks/results]
 
 Methods, B = 8, fp32, each forward+backward with the metrics where the method has them:
-  (a) official: chunked decay-matrix matmul (chunk 128) on a log-ratio that still requires grad (SPEC §1.1 step 3)
+  (a) official: the official algorithm (kernels/naive.py ``official_fipo_loss``): chunked decay-matrix matmul
+      (chunk 128) on a log-ratio that still requires grad (docs/algorithm.md §1.3)
   (b) official, detached: the same on a detached log-ratio
   (c) fipo_loss(backend="torch"): our O(T) torch path (validation and metrics included)
   (c') fipo_loss(backend="cpu"): the fused C kernel, what fipo_loss runs on CPU (validation and metrics included;
-       its own memory outside torch, B x 26 doubles and 8 KiB of stack, is not in the probe)
-  (d) fipo_loss(backend="triton"): the fused kernels (CUDA only)
+       its own memory outside torch, 8 KiB of stack, is not in the probe)
+  (d) fipo_loss(backend="triton"): the fused kernel (CUDA only)
   (e) DAPO: TRL's plain token-level clipped loss on the same tensors (the floor)
 Memory: torch.cuda.max_memory_allocated on CUDA; on CPU, a TorchDispatchMode probe that tracks the storages the
-step creates (the peak of live bytes, inputs excluded). Writes benchmarks/results/fipo_loss_<device>.md and .png.
+step creates (the peak of live bytes, inputs excluded). Writes <results-dir>/fipo_loss_<device>.md and .png.
 """
 
 from __future__ import annotations
@@ -20,19 +22,19 @@ import argparse
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from fipo_trl import fipo_loss
-from fipo_trl.kernels import triton_usable
-from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable
-from fipo_trl.loss import decay_to_gamma
-from fipo_trl.testing import AllocationProbe
+from fipo_trl.kernels import cpu_kernel_usable, official_fipo_loss, triton_usable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' memory probe, shared
+from allocation_probe import AllocationProbe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-GAMMA = decay_to_gamma(32.0)
 
 
 def make_batch(B, T, device, seed=0):
@@ -43,36 +45,6 @@ def make_batch(B, T, device, seed=0):
     mask = torch.arange(T)[None] < lengths[:, None]
     adv = torch.randn(B, generator=g)
     return [t.to(device) for t in (logps, old, adv, mask)]
-
-
-def official_loss(logps, old, adv, mask, *, detach_log_ratio, chunk=128, c=10.0, eps_low=0.2, eps_high=0.28):
-    """The official loss as SPEC §1.1 describes it (32B recipe), F by chunked decay-matrix products."""
-    maskf = mask.float()
-    adv = adv[:, None] * maskf
-    log_ratio = torch.clamp(logps - old, -20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    source = log_ratio.detach() if detach_log_ratio else log_ratio
-    x = source * maskf * (ratio <= c).float()
-    T = x.shape[1]
-    positions = torch.arange(T, device=x.device)
-    future_kl = torch.zeros_like(x)
-    for j0 in range(0, T, chunk):  # column block [j0, j0 + K): adds gamma^(j - i) x_j to every i <= j
-        j = positions[j0:j0 + chunk]
-        i = positions[:j0 + chunk]
-        distance = (j[None, :] - i[:, None]).float()
-        decay = torch.where(distance >= 0, GAMMA ** distance.clamp(min=0), torch.zeros_like(distance))
-        future_kl = future_kl + torch.nn.functional.pad(x[:, j0:j0 + chunk] @ decay.T, (0, T - j0 - len(j)))
-    weights = torch.exp(future_kl).clamp(1.0, 1.2).detach()
-    weights = torch.where((adv < 0) & (ratio.detach() > 10.0), weights.clamp(0.8, 1.0), weights)
-    weighted = adv * weights
-    loss1 = -weighted * ratio
-    loss2 = -weighted * ratio.clamp(1 - eps_low, 1 + eps_high)
-    clip_loss = torch.maximum(loss1, loss2)
-    loss3 = -weighted * c
-    per_token = torch.where(weighted < 0, torch.minimum(loss3, clip_loss), clip_loss)
-    n_dual = ((weighted < 0) & (clip_loss > loss3) & mask).sum(-1)
-    final = maskf * (n_dual <= 1).float()[:, None]
-    return (per_token * final).sum() / (final.sum() + 1e-8)
 
 
 def dapo_loss(logps, old, adv, mask, eps_low=0.2, eps_high=0.28):
@@ -86,14 +58,12 @@ def dapo_loss(logps, old, adv, mask, eps_low=0.2, eps_high=0.28):
 def run_step(method, batch):
     logps, old, adv, mask = batch
     leaf = logps.detach().clone().requires_grad_()
-    if method == "official":
-        loss = official_loss(leaf, old, adv, mask, detach_log_ratio=False)
-    elif method == "official_detached":
-        loss = official_loss(leaf, old, adv, mask, detach_log_ratio=True)
+    if method.startswith("official"):  # the 32B recipe, the official defaults
+        loss = official_fipo_loss(leaf, old, adv, mask, detach_log_ratio=method == "official_detached")
     elif method in ("fipo_torch", "fipo_triton", "fipo_cpu"):
         out = fipo_loss(leaf, old, adv, mask, backend=method.split("_")[1])
         loss = out.loss
-        _ = [v for v in out.metrics.values()]
+        out.metrics  # noqa: B018 (formed on first access: part of the cost)
     else:
         loss = dapo_loss(leaf, old, adv, mask)
     loss.backward()
@@ -163,6 +133,7 @@ def main():
                         help="skip (a) and (b) above this T (O(T^2) time, T x 128 buffers)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the table and plot are written")
     args = parser.parse_args()
     device = torch.device(args.device)
     methods = ["official", "official_detached", "fipo_torch"]
@@ -204,8 +175,9 @@ def main():
             seconds, nbytes = results[method, T]
             lines.append(f"| {T} | {labels[method]} | {seconds * 1e3:.2f} | {seconds * 1e9 / (args.batch * T):.1f} | "
                          f"{nbytes / 2**20:.1f} | {seconds / floor_time:.2f}x | {nbytes / max(floor_mem, 1):.2f}x |")
-    lines += ["", "Time per token across T (linear cost means flat): spread = (max - min) / (max + min), i.e. +- around "
-              "the midpoint.", "", "| method | ns / token, min | ns / token, max | spread |", "|---|---:|---:|---:|"]
+    lines += ["", "Time per token across T (linear cost means flat): spread = (max - min) / (max + min), i.e. +- "
+              "around the midpoint.", "", "| method | ns / token, min | ns / token, max | spread |",
+              "|---|---:|---:|---:|"]
     for method in methods:
         per_token = [results[method, T][0] * 1e9 / (args.batch * T) for T in args.lengths if (method, T) in results]
         if len(per_token) > 1:
@@ -221,11 +193,11 @@ def main():
               f"~{sum(weight_kernel.values()) / 3.35:.1f} us at 3.35 TB/s (H100 SXM)."]
     table = "\n".join(lines)
     print("\n" + table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()[:60]
-    (RESULTS / f"fipo_loss_{slug}.md").write_text(table + "\n")
+    (args.results_dir / f"fipo_loss_{slug}.md").write_text(table + "\n")
     if not args.no_plot:
-        plot(results, methods, labels, args, name, RESULTS / f"fipo_loss_{slug}.png")
+        plot(results, methods, labels, args, name, args.results_dir / f"fipo_loss_{slug}.png")
 
 
 def plot(results, methods, labels, args, name, path):
@@ -241,7 +213,8 @@ def plot(results, methods, labels, args, name, path):
     for method in methods:
         lengths = [T for T in args.lengths if (method, T) in results]
         ax_time.plot(lengths, [results[method, T][0] * 1e3 for T in lengths], marker="o", label=labels[method])
-        ax_mem.plot(lengths, [max(results[method, T][1], 1) / 2**20 for T in lengths], marker="o", label=labels[method])
+        peak_mib = [max(results[method, T][1], 1) / 2**20 for T in lengths]
+        ax_mem.plot(lengths, peak_mib, marker="o", label=labels[method])
     for ax, ylabel in ((ax_time, "forward+backward (ms)"), (ax_mem, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

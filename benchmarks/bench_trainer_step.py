@@ -1,6 +1,7 @@
 """Wall time of a whole optimizer step: FIPOTrainer vs GRPOTrainer (DAPO loss) on the same tiny config.
 
-    python benchmarks/bench_trainer_step.py [--steps 64] [--rounds 8] [--hidden_size 64 --num_layers 2 --completion_length 32]
+    python benchmarks/bench_trainer_step.py [--steps 64] [--rounds 8]
+        [--hidden_size 64 --num_layers 2 --completion_length 32]
 
 Both trainers get the same model, data, seed and batch geometry (4 optimizer updates per generation batch, so
 FIPO's weights are live), `loss_type="dapo"`, delta 10, epsilon_high 0.28, and completions of exactly the length cap
@@ -23,7 +24,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl.testing import build_tiny_model, digit_reward, tiny_prompt_dataset
+from fipo_trl._tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,8 +52,8 @@ def run(trainer_cls, config_cls, model_path, steps, output_dir, completion_lengt
         generation_kwargs={"min_new_tokens": completion_length},
     )
     timer = StepTimer()
-    trainer = trainer_cls(model=model_path, reward_funcs=digit_reward, args=args, train_dataset=tiny_prompt_dataset(64),
-                          callbacks=[timer])
+    trainer = trainer_cls(model=model_path, reward_funcs=digit_reward, args=args,
+                          train_dataset=tiny_prompt_dataset(64), callbacks=[timer])
     trainer.train()
     generating = [t for i, t in enumerate(timer.times) if i % 4 == 0]
     updating = [t for i, t in enumerate(timer.times) if i % 4 != 0]
@@ -101,7 +102,8 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    name = f"trainer_step_{device.replace(' ', '_').lower()}_h{cli.hidden_size}_l{cli.num_layers}_t{cli.completion_length}"
+    geometry = f"h{cli.hidden_size}_l{cli.num_layers}_t{cli.completion_length}"
+    name = f"trainer_step_{device.replace(' ', '_').lower()}_{geometry}"
     (RESULTS / f"{name}.md").write_text(text)
 
 

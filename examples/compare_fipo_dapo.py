@@ -6,7 +6,7 @@
 FIPO is FIPOTrainer(FIPOConfig); DAPO is TRL's GRPOTrainer(GRPOConfig) with the same loss settings (loss_type bnpo,
 dual clip delta=10, clip-higher epsilon_high=0.28, beta=0) and the SAME steps_per_generation, i.e. several optimizer
 updates per generation batch: the only difference is FIPO's Future-KL weight on the advantages. For each seed both
-methods start from the same warm-started tiny model (fipo_trl.demo).
+methods start from the same warm-started tiny model (examples/arithmetic_demo.py).
 
 Writes fipo_vs_dapo.png (reward, completion length and FIPO weight statistics vs step, mean +- std over seeds),
 fipo_vs_dapo.md (final reward and greedy accuracy, mean +- std over seeds) and fipo_vs_dapo.json (every number).
@@ -56,7 +56,7 @@ def train_one(method: str, seed: int, model_path: str, max_steps: int, logging_s
     import torch
 
     torch.set_num_threads(1)  # tiny model: threads only add contention between parallel runs
-    from fipo_trl.demo import build_trainer, greedy_accuracy, training_args
+    from arithmetic_demo import build_trainer, greedy_accuracy, training_args
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = training_args(method, output_dir, seed=seed, max_steps=max_steps, logging_steps=logging_steps,
@@ -80,7 +80,7 @@ def mean_std(values: list[float], percent: bool = False) -> str:
 
 
 def summary_table(runs: list[dict], args, start_accuracy: dict[int, float]) -> str:
-    from fipo_trl.demo import final_reward
+    from arithmetic_demo import final_reward
 
     lines = [
         f"FIPO vs DAPO, tiny Llama on single-digit arithmetic, {args.max_steps} optimizer steps "
@@ -108,7 +108,8 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(1)
-    from fipo_trl.demo import greedy_accuracy, prepare_model
+    from arithmetic_demo import greedy_accuracy, prepare_model
+
     from fipo_trl.plots import plot_training_curves
 
     os.makedirs(args.output_dir, exist_ok=True)

@@ -47,8 +47,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from fipo_trl.callbacks import PrintFIPOMetricsCallback
-    from fipo_trl.demo import (
+    from arithmetic_demo import (
         arithmetic_problems,
         build_trainer,
         final_reward,
@@ -58,6 +57,8 @@ def main(argv=None):
         timed,
         training_args,
     )
+
+    from fipo_trl.callbacks import PrintFIPOMetricsCallback
     from fipo_trl.influence import TokenInfluenceCallback
     from fipo_trl.plots import TrainingCurvesCallback
 

@@ -1,9 +1,10 @@
 """fipo_trl: FIPO (arXiv 2603.19835) for Hugging Face TRL.
 
-``fipo_loss`` is importable without loading TRL; ``FIPOConfig`` and ``FIPOTrainer`` load TRL on first use.
+``fipo_weights`` and ``fipo_loss`` are importable without loading TRL; ``FIPOConfig`` and ``FIPOTrainer`` load TRL on
+first use.
 """
 
-from .loss import FIPOLossOutput, fipo_loss
+from .loss import FIPOLossOutput, FIPOWeights, fipo_loss, fipo_weights
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FIPOConfig", "FIPOLossOutput", "FIPOTrainer", "fipo_loss", "__version__"]
+__all__ = ["FIPOConfig", "FIPOLossOutput", "FIPOTrainer", "FIPOWeights", "fipo_loss", "fipo_weights", "__version__"]

@@ -37,7 +37,7 @@ EMBEDDED_DEFAULTS = dict(
     max_completion_length=12, learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=8,
     report_to="none", gradient_checkpointing=False, seed=0, disable_tqdm=False, fipo_updates_per_generation=4,
 )
-TOY_REWARD = "fipo_trl.testing.digit_reward"
+TOY_REWARD = "fipo_trl._tiny.digit_reward"
 
 
 @dataclass
@@ -172,7 +172,7 @@ def load_training_data(script_args, dataset_args, embedded: bool):
         dataset = load_dataset(builder, name=script_args.dataset_config, data_files=data_files,
                                streaming=script_args.dataset_streaming)
     elif embedded:
-        from fipo_trl.testing import tiny_prompt_dataset
+        from fipo_trl._tiny import tiny_prompt_dataset
 
         return {split: tiny_prompt_dataset(64)}, None
     else:
@@ -199,7 +199,7 @@ def train(argv: list[str]):
     reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
     reward_funcs = load_reward_funcs(reward_names, training_args, script_args)  # bad names fail before any loading
     if embedded:
-        from fipo_trl.testing import build_tiny_model
+        from fipo_trl._tiny import build_tiny_model
 
         # "_" keeps it out of every Hub upload of output_dir (transformers ignores "_*" there)
         model_args.model_name_or_path = str(build_tiny_model(f"{training_args.output_dir}/_base-model"))

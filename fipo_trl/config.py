@@ -8,18 +8,8 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
 from fipo_trl.dynamic_sampling import DynamicSamplingConfig
-from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters
-
-# How each functional-API argument is spelled in the config, so validation errors name the config field.
-CONFIG_FIELD_NAMES = {
-    "decay_rate": "fipo_decay_rate",
-    "clip_ratio": "fipo_clip_ratio",
-    "clip_high_only": "fipo_clip_high_only",
-    "safety_threshold": "fipo_safety_threshold",
-    "dual_clip": "delta",
-    "epsilon_low": "epsilon",
-    "epsilon_high": "epsilon_high",
-}
+from fipo_trl.kernels.common import DEFAULTS
+from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters, hyperparameters_from_config
 
 
 @dataclass
@@ -38,23 +28,23 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
 
     # FIPO fields ---------------------------------------------------------------------------------------------
     fipo_decay_rate: float = field(
-        default=32.0,
+        default=DEFAULTS.decay_rate,
         metadata={"help": "Future-KL decay rate tau: gamma = 2^(-1/tau), so a future token's log-ratio counts half "
                   "after tau tokens. Paper: 32 for both the 32B and the 7B recipe (ablated over 8/32/128/256)."},
     )
     fipo_clip_ratio: float = field(
-        default=0.2,
+        default=DEFAULTS.clip_ratio,
         metadata={"help": "Clip range epsilon_f of the influence weight f = clip(exp(F)): [1, 1 + epsilon_f] when "
                   "`fipo_clip_high_only`, else [1 - epsilon_f, 1 + epsilon_f]. 0 means the official uncapped "
                   "min(exp(F), 10). Paper: 0.2 (32B: [1, 1.2]; 7B: [0.8, 1.2])."},
     )
     fipo_clip_high_only: bool = field(
-        default=True,
+        default=DEFAULTS.clip_high_only,
         metadata={"help": "Clip the influence weight to [1, 1 + fipo_clip_ratio] (True) or to "
                   "[1 - fipo_clip_ratio, 1 + fipo_clip_ratio] (False). Paper: True for 32B, False for 7B."},
     )
     fipo_safety_threshold: float = field(
-        default=10.0,
+        default=DEFAULTS.safety_threshold,
         metadata={"help": "Safety rule: for a token with negative advantage and importance ratio above this "
                   "threshold, the weight is clamped into [0.8, 1]. Paper: 10.0 for 32B, 3.0 for 7B."},
     )
@@ -80,17 +70,17 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
                   "filtered completion leaves the numerator only."},
     )
     delta: float | None = field(
-        default=10.0,
+        default=DEFAULTS.delta,
         metadata={"help": "Dual-clip constant c. It caps the importance ratio in the loss of negative-advantage "
                   "tokens, leaves tokens with ratio > c out of the Future-KL, and drives the sequence filter. "
                   "Must be > 1 + epsilon_high. Paper: 10 (32B and 7B)."},
     )
     epsilon: float = field(
-        default=0.2,
+        default=DEFAULTS.epsilon,
         metadata={"help": "Lower PPO clip epsilon: the ratio is clipped at 1 - epsilon. Paper: 0.2."},
     )
     epsilon_high: float | None = field(
-        default=0.28,
+        default=DEFAULTS.epsilon_high,
         metadata={"help": "Upper PPO clip epsilon (DAPO clip-higher): the ratio is clipped at 1 + epsilon_high. "
                   "Paper: 0.28."},
     )
@@ -126,12 +116,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         if not isinstance(self.fipo_updates_per_generation, int) or self.fipo_updates_per_generation < 1:
             raise ValueError(f"`fipo_updates_per_generation` = {self.fipo_updates_per_generation!r} is invalid: it "
                              "must be an integer >= 1. Use the official 8.")
-        check_hyperparameters(
-            decay_rate=self.fipo_decay_rate, clip_ratio=self.fipo_clip_ratio, clip_high_only=self.fipo_clip_high_only,
-            safety_threshold=self.fipo_safety_threshold, dual_clip=self.delta, epsilon_low=self.epsilon,
-            epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
-            names=CONFIG_FIELD_NAMES,
-        )
+        check_hyperparameters(**hyperparameters_from_config(self), prefix="fipo_")  # errors name the fields
         check_trl_compatibility(self)
         self._check_generation_batches()
 

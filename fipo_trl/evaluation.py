@@ -396,7 +396,7 @@ def evaluate_math(args: EvalArguments) -> dict:
             samples_path.write_text(json.dumps(sampling_header(args)) + "\n")
         model_path = args.model_name_or_path
         if model_path is None:
-            from fipo_trl.testing import build_tiny_model
+            from fipo_trl._tiny import build_tiny_model
 
             model_path = str(build_tiny_model(output_dir / TINY_MODEL_DIR))
         from transformers import AutoTokenizer

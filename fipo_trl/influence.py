@@ -89,7 +89,7 @@ class TokenInfluenceCallback(TrainerCallback):
         batch = self.trainer.fipo_last_batch
         if state.global_step % self.every_n_steps or not state.is_world_process_zero or batch is None:
             return
-        from fipo_trl.kernels import weight_bounds
+        from fipo_trl.kernels.common import weight_bounds
 
         lower, upper = weight_bounds(args.fipo_clip_ratio, args.fipo_clip_high_only)
         page = render_influence_html(batch, self.trainer.processing_class, step=state.global_step, lower=lower,

@@ -92,7 +92,7 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
     fipo = {
         "decay_rate": args.fipo_decay_rate,
         "weight_clip": f"[{lower:g}, {upper:g}]" if args.fipo_clip_ratio else "min(exp F, 10)",
-        "safety_threshold": args.fipo_safety_threshold, "dual_clip": args.delta, "epsilon_low": args.epsilon,
+        "safety_threshold": args.fipo_safety_threshold, "delta": args.delta, "epsilon": args.epsilon,
         "epsilon_high": args.epsilon if args.epsilon_high is None else args.epsilon_high,
         "updates_per_generation": f"{updates:g}", "sequence_filter": args.fipo_sequence_filter,
         "loss_type": args.loss_type, "beta": args.beta, "num_generations": args.num_generations,

@@ -1,7 +1,7 @@
 """FIPOTrainer: TRL's GRPOTrainer with FIPO's Future-KL weights on the per-token advantages.
 
 The hook is two methods wide. ``_compute_loss`` hands TRL a private copy of the micro-batch; the first forward pass
-TRL runs inside it (``_get_per_token_logps_and_entropies``) yields log pi_theta, from which ``fipo_loss`` computes
+TRL runs inside it (``_get_per_token_logps_and_entropies``) yields log pi_theta, from which ``fipo_weights`` computes
 the detached weights f, and the copy's advantages become the (B, T) tensor A * f before TRL reads them. Everything
 else (loss types, PPO and dual clipping via ``delta``, vLLM IS correction, KL, entropy terms, metrics) is TRL's own.
 If TRL ever reads the advantages before that forward pass, or skips it, training stops with an error instead of
@@ -22,8 +22,8 @@ from trl import GRPOConfig, GRPOTrainer
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
 from fipo_trl.dynamic_sampling import DynamicSamplingMixin
 from fipo_trl.hub import HubResilienceMixin
-from fipo_trl.kernels.fipo_torch import LOG_RATIO_CLAMP
-from fipo_trl.loss import fipo_loss, metrics_from_stats, stack_stats
+from fipo_trl.kernels.common import LOG_RATIO_CLAMP, STAT_NAMES, reduce_row_stats
+from fipo_trl.loss import fipo_weights, hyperparameters_from_config, metrics_from_stats, stack_stats
 from fipo_trl.model_card import render_model_card
 
 logger = logging.get_logger(__name__)
@@ -166,7 +166,7 @@ class FIPOTrainer(HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
-        self.fipo_backend: str | None = None  # which fipo_loss path computes the weights: "triton", "cpu" or "torch"
+        self.fipo_backend: str | None = None  # which path computes the weights: "triton", "cpu" or "torch"
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """[`~transformers.Trainer.train`], safe against checkpoints cut short by a kill or a full disk: resuming
@@ -235,12 +235,7 @@ class FIPOTrainer(HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
         if "tool_mask" in batch:
             mask = mask & dict.__getitem__(batch, "tool_mask").bool()
         advantages = dict.__getitem__(batch, "advantages")
-        out = fipo_loss(
-            logps, old, advantages.float(), mask,
-            decay_rate=args.fipo_decay_rate, clip_ratio=args.fipo_clip_ratio, clip_high_only=args.fipo_clip_high_only,
-            safety_threshold=args.fipo_safety_threshold, dual_clip=args.delta, epsilon_low=args.epsilon,
-            epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-        )
+        out = fipo_weights(logps, old, advantages.float(), mask, **hyperparameters_from_config(args))
         weighted = out.weighted_advantages  # A * f (0 off the response), written by the kernel in its one pass
         if args.fipo_sequence_filter:
             row_scale = out.keep.to(weighted.dtype)
@@ -261,14 +256,10 @@ class FIPOTrainer(HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
 
     def _log_fipo_metrics(self, stats: dict[str, torch.Tensor], fused: bool) -> None:
         """Reduce the stats over all ranks (one gather, run unconditionally on every rank) and log the metrics."""
-        if self.accelerator.num_processes > 1:
-            names = tuple(stats)
+        if self.accelerator.num_processes > 1:  # each rank's batch stats are one row: the kernels' own reduction
             local = stack_stats(stats).to(self.accelerator.device, torch.float32)
-            gathered = self.accelerator.gather(local[None]).view(-1, len(names))
-            is_min, is_max = (torch.tensor([n.startswith(prefix) for n in names], device=gathered.device)
-                              for prefix in ("min_", "max_"))
-            reduced = torch.where(is_min, gathered.amin(0), torch.where(is_max, gathered.amax(0), gathered.sum(0)))
-            stats = dict(zip(names, reduced.tolist()))  # one host transfer
+            gathered = self.accelerator.gather(local[None]).view(-1, len(STAT_NAMES))
+            stats = dict(zip(STAT_NAMES, reduce_row_stats(gathered).tolist()))  # one host transfer
         mode = "train" if self.model.training else "eval"
         for name, value in metrics_from_stats(stats).items():
             if not math.isnan(value):  # an extremum of an empty set: left out of this step, not logged as None

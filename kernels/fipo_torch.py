@@ -1,109 +1,34 @@
-"""The O(T) plain-torch path of the FIPO loss: what runs on CPU, and the reference the Triton kernels match.
+"""The FIPO compute path in plain torch (docs/algorithm.md §1.1-1.9): float64 inputs (the reference dtype) on any
+device, and the fallback wherever a fused path is unavailable (CPU without a C compiler or with
+FIPO_TRL_CPU_KERNEL=0, CUDA without Triton).
 
-The Future-KL F_t = sum_{j >= t} gamma^(j - t) x_j is a discounted *reverse* cumulative sum. The official code
-builds it from chunked decay-matrix products on a log-ratio that still carries autograd, which keeps T x chunk
-buffers alive. Here it is a blocked scan under ``no_grad``: a fixed (K x K) decay matrix inside blocks of K
-tokens and the same scan, recursively, over the block carries. Memory is O(B*T), work O(B*T*K), every factor
-is gamma^d <= 1 (no gamma^(-t) rescaling, so nothing overflows at T = 32K), and it is exact up to float
-rounding.
+O(T) memory: the Future-KL is ``scan.discounted_reverse_cumsum``, the blocked scan, under ``no_grad``.
 
 Speed on CPU: comparisons, ``torch.where`` and bool reductions are 5-20x slower there than float arithmetic
 (a bool ``where`` over 164K tokens costs ~230 us, a float multiply ~10 us), so everything is float arithmetic on
 0/1 indicator tensors (``_above``/``_below``), masked reductions are products with the float mask, and the loss
-gradient is formed in the same pass as the loss (``_LossWithStoredGradient``), as the Triton kernel does.
+gradient is formed in the same pass as the loss (``common.LossWithStoredGradient``), as the fused kernels do.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-# Official masked means divide by (count + 1e-8) (verl ``masked_mean``); the loss does the same.
-MASKED_MEAN_EPS = 1e-8
-LOG_RATIO_CLAMP = 20.0
-SCAN_BLOCK_SIZE = 64
-
-
-class FIPOTorchResult(NamedTuple):
-    loss: torch.Tensor  # scalar, differentiable w.r.t. logps
-    weights: torch.Tensor  # (B, T) detached influence weights f, after clip and safety rule
-    future_kl: torch.Tensor  # (B, T) detached F
-    keep: torch.Tensor  # (B,) bool, False for responses dropped by the sequence filter
-    stats: dict[str, torch.Tensor | float]  # sums / counts / extrema from which the metrics are formed (0-dim
-    # tensors on the tensor paths, Python floats from the C kernel, which has them on the host already)
-    weighted_advantages: torch.Tensor  # (B, T) detached A * f, 0 off the response (what the trainer trains with)
-
-
-@contextlib.contextmanager
-def _ieee_fp32_matmul(device: torch.device):
-    """TF32 would cost ~1e-3 relative error in F; keep fp32 matmuls exact on CUDA (no-op elsewhere)."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-@functools.lru_cache(maxsize=32)
-def _scan_factors(gamma: float, K: int, dtype: torch.dtype, device: torch.device):
-    """(K, K) decay matrix [j, i] = gamma^(j - i) for j >= i, and gamma^(K - i): the reach of the next block."""
-    offsets = torch.arange(K, dtype=torch.float64)
-    distance = offsets[:, None] - offsets[None, :]
-    decay = torch.where(distance >= 0, gamma ** distance.clamp(min=0), 0.0)
-    to_next_block = gamma ** (K - offsets)
-    return decay.to(dtype=dtype, device=device), to_next_block.to(dtype=dtype, device=device)
-
-
-def discounted_reverse_cumsum(x: torch.Tensor, gamma: float, block_size: int = SCAN_BLOCK_SIZE) -> torch.Tensor:
-    """y[..., t] = sum_{j >= t} gamma^(j - t) * x[..., j] along the last dimension, in x's dtype.
-
-    Blocked scan: y inside block m at offset i is the block-local sum plus gamma^(K - i) times y at the start of
-    block m + 1, and the block starts themselves satisfy the same recursion with decay gamma^K.
-    """
-    T = x.shape[-1]
-    if T <= 1:
-        return x.clone()
-    K = min(block_size, T)
-    n_blocks = -(-T // K)
-    padded = x if n_blocks * K == T else F.pad(x, (0, n_blocks * K - T))
-    blocks = padded.reshape(-1, K)
-    decay, to_next_block = _scan_factors(float(gamma), K, x.dtype, x.device)
-    with _ieee_fp32_matmul(x.device):
-        if n_blocks == 1:
-            y = blocks @ decay  # y[r, i] = sum_{j >= i in the block} gamma^(j - i) x_j
-        else:
-            block_start = (blocks @ decay[:, 0]).reshape(*x.shape[:-1], n_blocks)  # local sum at each block start
-            at_block_start = discounted_reverse_cumsum(block_start, gamma**K, block_size)
-            carry = F.pad(at_block_start[..., 1:], (0, 1)).reshape(-1)  # y at the first token of the next block
-            y = (blocks @ decay).addr_(carry, to_next_block)
-    y = y.reshape(*x.shape[:-1], n_blocks * K)
-    return y if n_blocks * K == T else y[..., :T]
-
-
-def non_finite_error(n_nan_log_ratio: int, n_bad_advantage: int) -> ValueError:
-    """The error for response tokens whose inputs would make the loss NaN (``fipo_loss`` raises it)."""
-    if n_nan_log_ratio:
-        return ValueError(f"fipo_loss: {n_nan_log_ratio} unmasked token(s) have a NaN log-ratio (`logps` or "
-                          "`old_logps` is NaN there, or both are the same infinity). Mask those tokens out or fix "
-                          "the log-probs.")
-    return ValueError(f"fipo_loss: {n_bad_advantage} unmasked token(s) have a non-finite advantage. "
-                      "Replace NaN/inf advantages (e.g. with 0) or mask those tokens out.")
-
-
-def weight_bounds(clip_ratio: float, clip_high_only: bool) -> tuple[float, float]:
-    """(lower, upper) clip bounds of f; clip_ratio == 0 means the official min(exp F, 10) with no lower bound."""
-    if clip_ratio == 0:
-        return 0.0, 10.0
-    return (1.0 if clip_high_only else 1.0 - clip_ratio), 1.0 + clip_ratio
+from .common import (
+    CLIP_COUNT_MARGIN,
+    LOG_RATIO_CLAMP,
+    NEG_RATIO_EDGES,
+    POS_MINI_RATIO,
+    SAFETY_WEIGHT_RANGE,
+    FIPOResult,
+    Hyperparameters,
+    needs_gradient,
+    ordered_stats,
+    token_mean_loss,
+)
+from .scan import SCAN_BLOCK_SIZE, discounted_reverse_cumsum
 
 
 # 0/1 float indicators of exact comparisons with a scalar: x - a is 0 only when x == a (IEEE, finite x)
@@ -119,56 +44,28 @@ def _at_most(x: torch.Tensor, a: float) -> torch.Tensor:  # x <= a
     return 1 - _above(x, a)
 
 
-def _at_least(x: torch.Tensor, a: float) -> torch.Tensor:  # x >= a
-    return 1 - _below(x, a)
-
-
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # bool -> float goes through uint8: the direct cast is ~7x slower on CPU
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).to(dtype)
 
 
-class _LossWithStoredGradient(torch.autograd.Function):
-    """Attach a precomputed d loss / d logps to a loss value: backward scales it per row, nothing else."""
+def compute_torch(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                  hyperparameters: Hyperparameters, *, with_loss: bool = True,
+                  block_size: int = SCAN_BLOCK_SIZE) -> FIPOResult:
+    """FIPO (docs/algorithm.md §1) on validated inputs: logps/old_logps (B, T) of one float dtype, advantages (B,) or
+    (B, T), mask (B, T) bool. Computes in float64 for float64 inputs, else float32. Unmasked positions must be
+    NaN-free with finite advantages (``fipo_trl.loss`` checks); masked ones may hold anything. ``with_loss=False``:
+    weights, F, keep and stats only, no loss and no gradient.
 
-    @staticmethod
-    def forward(ctx, logps, loss, unscaled_grad, row_scale):
-        ctx.save_for_backward(unscaled_grad, row_scale)
-        ctx.logps_dtype = logps.dtype
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        unscaled_grad, row_scale = ctx.saved_tensors
-        return (unscaled_grad * (grad_loss * row_scale)[:, None]).to(ctx.logps_dtype), None, None, None
-
-
-def fipo_loss_torch(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    gamma: float,
-    clip_ratio: float,
-    clip_high_only: bool,
-    safety_threshold: float,
-    dual_clip: float,
-    epsilon_low: float,
-    epsilon_high: float,
-    block_size: int = SCAN_BLOCK_SIZE,
-) -> FIPOTorchResult:
-    """The official FIPO loss (SPEC §1.1) on validated inputs: logps/old_logps (B, T) of one float dtype,
-    advantages (B,) or (B, T), mask (B, T) bool. Computes in float64 for float64 inputs, else float32.
-    Unmasked positions must be NaN-free with finite advantages (``fipo_loss`` checks); masked ones may hold anything.
-
-    One ``aminmax`` of the log-ratio decides which rare branches can fire at all (a ratio above c, the safety
-    threshold, 1 + eps_high, 2, or below 1 - eps_low, 1e-3; a log-ratio beyond +-20); the branches that cannot
+    One ``aminmax`` of the log-ratio decides which rare branches can fire at all (a ratio above delta, the safety
+    threshold, 1 + epsilon_high, 2, or below 1 - epsilon, 1e-3; a log-ratio beyond +-20); the branches that cannot
     are skipped, not approximated. Fresh (B, T) allocations cost page faults on CPU, so temporaries reuse buffers.
     """
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    ratio_low, ratio_high = 1.0 - epsilon_low, 1.0 + epsilon_high
-    needs_grad = torch.is_grad_enabled() and logps.requires_grad
+    h = hyperparameters
+    ratio_low, ratio_high = h.ratio_bounds
+    dual_clip = h.delta
+    needs_grad = needs_gradient(logps, with_loss)
     with torch.no_grad():
         mask_f = _float_mask(mask, dtype)
         adv = torch.nan_to_num(advantages.to(dtype), nan=0.0)  # NaN/inf allowed at padding, zeroed by mask_f below
@@ -193,22 +90,22 @@ def fipo_loss_torch(
         ratio = torch.exp(delta)  # 1 at masked positions
         if may_exceed(dual_clip):
             participates = _at_most(ratio, dual_clip).mul_(mask_f)  # any advantage sign (the official code)
-            future_kl = discounted_reverse_cumsum(delta * participates, gamma, block_size)
+            future_kl = discounted_reverse_cumsum(delta * participates, h.gamma, block_size)
             n_filtered = (mask_f - participates).sum()
-        else:  # no ratio above c: every response token takes part (delta is already 0 elsewhere)
-            future_kl = discounted_reverse_cumsum(delta, gamma, block_size)
+        else:  # no ratio above delta: every response token takes part (delta is already 0 elsewhere)
+            future_kl = discounted_reverse_cumsum(delta, h.gamma, block_size)
             n_filtered = mask_f.new_zeros(())
 
         big = torch.finfo(dtype).max
         outside = mask_f.neg().add_(1).mul_(big)  # added before a min: padded positions never win
         weights = future_kl.exp()  # exp(F), clipped in place below once its sum is taken
         sum_raw_weight = torch.nansum(torch.mul(weights, mask_f, out=scratch))  # inf * 0 at padding is NaN, not data
-        lower, upper = weight_bounds(clip_ratio, clip_high_only)
-        weights = weights.clamp_(max=upper) if clip_ratio == 0 else weights.clamp_(lower, upper)
+        lower, upper = h.weight_bounds
+        weights = weights.clamp_(max=upper) if h.clip_ratio == 0 else weights.clamp_(lower, upper)
         safety = None
-        if may_exceed(safety_threshold):
-            safety = negative_adv * _above(ratio, safety_threshold) * mask_f
-            weights = torch.lerp(weights, weights.clamp(0.8, 1.0), safety)  # lerp is exact at weight 0 and 1
+        if may_exceed(h.safety_threshold):
+            safety = negative_adv * _above(ratio, h.safety_threshold) * mask_f
+            weights = torch.lerp(weights, weights.clamp(*SAFETY_WEIGHT_RANGE), safety)  # lerp: exact at 0 and 1
         masked_weights = weights * mask_f
         weighted_adv = adv * masked_weights  # A f, 0 off the response
 
@@ -216,8 +113,6 @@ def fipo_loss_torch(
         # constant). Equal to the official max/min form token by token; one clamp with per-sign bounds.
         ratio_floor = negative_adv * ratio_low  # 0 for A >= 0: r > 0 always
         ratio_ceiling = negative_adv * (dual_clip - ratio_high) + ratio_high
-        capped_ratio = torch.clamp(ratio, min=ratio_floor, max=ratio_ceiling, out=scratch)
-        row_loss = -torch.linalg.vecdot(weighted_adv, capped_ratio)
         # tokens whose A f has the sign of A (f = 0 only after an fp underflow of exp F with clip_ratio = 0)
         signed_tokens = mask_f if lower > 0 or not may_go_below(1.0) else masked_weights.sign()
         if may_exceed(dual_clip):  # A f < 0 and r > c: constant loss; > 1 such token drops the response
@@ -227,8 +122,10 @@ def fipo_loss_torch(
         keep = row_dual_clipped <= 1
         row_tokens = mask_f.sum(-1)
         n_final = (row_tokens * keep).sum()
-        denominator = n_final + MASKED_MEAN_EPS
-        loss = (row_loss * keep).sum() / denominator
+        if with_loss:
+            capped_ratio = torch.clamp(ratio, min=ratio_floor, max=ratio_ceiling, out=scratch)
+            row_loss = -torch.linalg.vecdot(weighted_adv, capped_ratio)
+        unscaled_grad = None
         if needs_grad:
             # d loss / d logp = -A f r where floor < r < ceiling (the ratio is not capped) and |delta| <= 20
             unscaled_grad = torch.sub(ratio, ratio_floor).clamp_(min=0).sign_()
@@ -236,7 +133,6 @@ def fipo_loss_torch(
             if raw_delta is not None:
                 unscaled_grad.mul_(_at_most(raw_delta.abs(), LOG_RATIO_CLAMP))
             unscaled_grad.mul_(ratio).mul_(weighted_adv).neg_()
-            row_scale = keep.to(dtype) / denominator
 
         stats = _stats(
             scratch=scratch, outside=outside, mask_f=mask_f, signed_tokens=signed_tokens, row_tokens=row_tokens,
@@ -247,15 +143,15 @@ def fipo_loss_torch(
             precomputed={"sum_neg_log_ratio": sum_neg_log_ratio, "n_active": n_active, "n_filtered": n_filtered,
                          "sum_raw_weight": sum_raw_weight},
         )
-    if needs_grad:
-        loss = _LossWithStoredGradient.apply(logps, loss, unscaled_grad, row_scale)
-    return FIPOTorchResult(loss, weights, future_kl, keep, stats, weighted_adv.expand_as(weights))
+    loss = token_mean_loss(logps, row_loss, keep, n_final, unscaled_grad, dtype) if with_loss else None
+    return FIPOResult(weights, weighted_adv.expand_as(weights), future_kl, keep, stats, loss)
 
 
 def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep, ratio, negative_adv, positive_adv,
            future_kl, weights, masked_weights, safety, dual_clipped_rows, lower, upper, ratio_low, ratio_high,
            dual_clip, may_exceed, may_go_below, precomputed) -> dict[str, torch.Tensor]:
-    """Sums, counts and extrema over response tokens (before the sequence filter, as the official metrics).
+    """The stats of ``common.ROW_STATS`` over the batch, computed directly (over response tokens, before the sequence
+    filter, as the official metrics).
     Extrema of an empty set are +inf (minima) and -inf (maxima). ``negative_adv``/``positive_adv`` are 0/1
     selectors of shape (B, 1) (per-response advantages) or (B, T). Temporaries go through ``scratch``."""
     dtype = ratio.dtype
@@ -275,8 +171,7 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
         if op in (">", "<="):
             out = torch.sub(x, a, out=scratch).clamp_(min=0).sign_()
         else:
-            out = torch.sub(a, x, out=scratch) if isinstance(a, torch.Tensor) else torch.mul(x, -1, out=scratch).add_(a)
-            out.clamp_(min=0).sign_()
+            out = torch.mul(x, -1, out=scratch).add_(a).clamp_(min=0).sign_()
         return out.neg_().add_(1) if op in (">=", "<=") else out
 
     n_tokens = row_tokens.sum()
@@ -316,7 +211,7 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
     def negative_at_least(a):  # response tokens with A < 0 and ratio >= a
         return count(indicator(ratio, ">=", a), negative_adv) if may_exceed(a) else zero
 
-    n_neg_2, n_neg_3, n_neg_4, n_neg_c = (negative_at_least(a) for a in (2.0, 3.0, 4.0, dual_clip))
+    n_neg_2, n_neg_3, n_neg_4, n_neg_c = (negative_at_least(a) for a in (*NEG_RATIO_EDGES, dual_clip))
     # PPO clip counted where the clipped term wins: A f > 0 and r > 1 + eps_high, or A f < 0 and r < 1 - eps_low
     pg_clipped = zero
     if may_exceed(ratio_high):
@@ -333,7 +228,7 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
     else:
         min_weight = extreme(weights, None, torch.amin, inf)
         max_weight = masked_weights.max() if not empty else -inf  # weights >= 0: 0 off the response never wins
-    return {
+    return ordered_stats({
         "n_tokens": n_tokens,
         "n_final_tokens": n_final,
         "sum_neg_log_ratio": precomputed["sum_neg_log_ratio"],
@@ -349,15 +244,16 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
         "sum_raw_weight": precomputed["sum_raw_weight"],
         "min_raw_weight": torch.where(any_token, min_future_kl.exp(), inf),
         "max_raw_weight": torch.where(any_token, max_future_kl.exp(), -inf) if not empty else -inf,
-        "n_upper_clipped": count(indicator(weights, ">=", upper - 1e-7)),
-        "n_lower_clipped": count(indicator(weights, "<=", lower + 1e-7)),
+        "n_upper_clipped": count(indicator(weights, ">=", upper - CLIP_COUNT_MARGIN)),
+        "n_lower_clipped": count(indicator(weights, "<=", lower + CLIP_COUNT_MARGIN)),
         "n_neg_ratio_2_3": n_neg_2 - n_neg_3,
         "n_neg_ratio_3_4": n_neg_3 - n_neg_4,
         "n_neg_ratio_4_c": (n_neg_4 - n_neg_c).clamp(min=0),  # [4, c) is empty when c <= 4
-        "n_pos_mini": count(indicator(ratio, "<", 1e-3), positive_adv) if may_go_below(1e-3) else zero,
+        "n_pos_mini": (count(indicator(ratio, "<", POS_MINI_RATIO), positive_adv) if may_go_below(POS_MINI_RATIO)
+                       else zero),
         "max_neg_ratio": max_neg_ratio,
         "max_pos_ratio": max_pos_ratio,
         "min_pos_ratio": min_pos_ratio,
         "n_rows": has_tokens.sum().to(dtype),
         "n_dropped_rows": (has_tokens & ~keep).sum().to(dtype),
-    }
+    })

@@ -1,61 +1,49 @@
-"""Liger-style fused FIPO kernels in Triton: one program per row, one read of the inputs, no T x T buffers.
-
-Layout (as Liger's ``ops/*.py``): the ``@triton.jit`` kernel, small launchers, one ``torch.autograd.Function``.
+"""The fused FIPO path in Triton (the CUDA path): one program per row, one read of the inputs, no T x T buffers.
 
 ``_fipo_row_kernel`` walks a row in blocks of ``BLOCK`` tokens from its END, so the discounted reverse scan
 F_t = x_t + gamma * F_{t+1} becomes a FORWARD ``tl.associative_scan`` over reversed offsets plus a scalar carry
 (``reverse=True`` is avoided: triton issue #4362). Everything else is elementwise in registers: the clamped
 log-ratio, the participation filter, exp/clip/safety rule of the weight, the dual-clip PPO loss, its gradient
-w.r.t. logps and the per-row partial sums the metrics need. Accumulation is fp32 whatever the input dtype.
+w.r.t. logps and the row's stats. Accumulation is fp32 whatever the input dtype.
 
-Two entry points share the kernel:
-- ``fipo_weights_triton``: weights f, weighted advantages A * f, F, keep and stats (and the loss value), nothing
-  stored for autograd;
-- ``FIPOLossFunction`` / ``fipo_loss_triton``: the official loss; the forward also writes the unscaled per-token
-  gradient, the backward only scales it by keep_b / (kept tokens + 1e-8) and the incoming gradient.
-Both return the ``FIPOTorchResult`` contract of ``fipo_torch.fipo_loss_torch`` (same stats keys and semantics).
+The kernel writes f, A * f, F, keep, one row of ``common.ROW_STATS`` per sequence (column order from that list) and,
+when asked, each row's loss sum and the unscaled per-token gradient; ``common.result_from_rows`` reduces the rows and
+attaches the loss (``common.LossWithStoredGradient``: the backward only scales the stored gradient). Importable
+without triton or a GPU (``TRITON_AVAILABLE`` is then False); needs nothing beyond triton itself.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import types
 
 import torch
 
-from .fipo_torch import LOG_RATIO_CLAMP, MASKED_MEAN_EPS, FIPOTorchResult, weight_bounds
+from .common import (
+    COLUMN,
+    LOG_RATIO_CLAMP,
+    N_STATS,
+    NEG_RATIO_EDGES,
+    POS_MINI_RATIO,
+    SAFETY_WEIGHT_RANGE,
+    FIPOResult,
+    Hyperparameters,
+    needs_gradient,
+    result_from_rows,
+)
 
 try:
     import triton
     import triton.language as tl
-    from liger_kernel.ops.utils import calculate_settings, ensure_contiguous
 
     TRITON_AVAILABLE = True
-except ImportError:  # no triton (or no liger): the torch path still works
+except ImportError:  # no triton: the torch path still works
     TRITON_AVAILABLE = False
-
-    def ensure_contiguous(fn):
-        return fn
 
 # Triton decides between a GPU driver and the CPU interpreter when the kernels are defined (at import).
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEFAULT_BLOCK_SIZE = 1024  # tokens per block on GPU; a row loops over cdiv(T, BLOCK) blocks
-
-# Columns of the per-row partial-sum buffer written by the kernel (fp32, one row per sequence).
-ROW_STAT_COLUMNS = (
-    "n_tokens", "n_dual_clipped", "loss_sum", "sum_neg_log_ratio", "sum_future_kl", "n_active", "n_filtered",
-    "n_pg_clipped", "n_safety", "sum_weight", "min_weight", "max_weight", "sum_raw_weight", "min_raw_weight",
-    "max_raw_weight", "n_upper_clipped", "n_lower_clipped", "n_neg_ratio_2_3", "n_neg_ratio_3_4", "n_neg_ratio_4_c",
-    "n_pos_mini", "max_neg_ratio", "max_pos_ratio", "min_pos_ratio",
-)
-N_ROW_STATS = len(ROW_STAT_COLUMNS)
-_STATS_KEYS = ("n_tokens", "n_final_tokens", "sum_neg_log_ratio", "sum_future_kl", "n_active", "n_filtered",
-               "n_pg_clipped", "n_dual_clipped", "n_safety", "sum_weight", "min_weight", "max_weight",
-               "sum_raw_weight", "min_raw_weight", "max_raw_weight", "n_upper_clipped", "n_lower_clipped",
-               "n_neg_ratio_2_3", "n_neg_ratio_3_4", "n_neg_ratio_4_c", "n_pos_mini", "max_neg_ratio",
-               "max_pos_ratio", "min_pos_ratio", "n_rows", "n_dropped_rows")
-
-_COLUMN = {name: i for i, name in enumerate(ROW_STAT_COLUMNS)}
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -65,7 +53,21 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRETED)
 
 
+def warps_for(block_size: int) -> int:
+    """Warps per program for a block of ``block_size`` tokens (the usual rule: 4 below 2K tokens, then more)."""
+    return 4 if block_size < 2048 else 8 if block_size < 8192 else 16
+
+
 if TRITON_AVAILABLE:
+    # A Triton kernel reads only constexpr globals and modules: each row-stat column's index as COLUMNS.<name>, a
+    # module generated from common.ROW_STATS, and the shared constants.
+    COLUMNS = types.ModuleType("row_stat_columns")
+    for _name, _index in COLUMN.items():
+        setattr(COLUMNS, _name, tl.constexpr(_index))
+    _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
+    _SAFETY_MIN, _SAFETY_MAX = (tl.constexpr(v) for v in SAFETY_WEIGHT_RANGE)
+    _NEG_EDGE_0, _NEG_EDGE_1, _NEG_EDGE_2 = (tl.constexpr(v) for v in NEG_RATIO_EDGES)
+    _POS_MINI_RATIO = tl.constexpr(POS_MINI_RATIO)
 
     @triton.jit
     def _discounted_combine(log2_decay_a, value_a, log2_decay_b, value_b):
@@ -76,11 +78,13 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _fipo_row_kernel(
         LOGPS, OLD_LOGPS, ADVANTAGES, MASK,  # inputs: (B, T), (B, T), (B,) or (B, T), (B, T) uint8
-        WEIGHTS, FUTURE_KL, WEIGHTED_ADV, GRAD, ROW_STATS,  # outputs: (B, T) fp32 x 4 (GRAD if STORE_GRAD), (B, N_STATS)
+        WEIGHTS, FUTURE_KL, WEIGHTED_ADV, GRAD,  # outputs: (B, T) fp32 each (GRAD only if STORE_GRAD)
+        KEEP, ROW_LOSS, ROW_STATS,  # outputs: (B,) int8, (B,) fp32 (only if STORE_LOSS), (B, N_STATS) fp32
         T, stride_logps, stride_old, stride_adv_row, stride_adv_col, stride_mask,
-        log2_gamma, log_ratio_clamp, clip_lower, clip_upper, upper_clip_at, lower_clip_at, safety_threshold, dual_clip,
+        log2_gamma, clip_lower, clip_upper, lower_clipped_at, upper_clipped_at, safety_threshold, delta,
         ratio_low, ratio_high,
         UPPER_ONLY: tl.constexpr,  # clip_ratio == 0: min(exp F, 10), no lower bound
+        STORE_LOSS: tl.constexpr,
         STORE_GRAD: tl.constexpr,
         N_STATS: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -127,10 +131,10 @@ if TRITON_AVAILABLE:
             adv = tl.where(mask, adv.to(tl.float32), 0.0)  # where, not *: NaN advantages at padding stay out
 
             raw_delta = logp - old
-            delta = tl.where(mask, tl.minimum(tl.maximum(raw_delta, -log_ratio_clamp), log_ratio_clamp), 0.0)
-            ratio = tl.exp(delta)
-            participates = mask & (ratio <= dual_clip)
-            x = tl.where(participates, delta, 0.0)
+            log_ratio = tl.where(mask, tl.minimum(tl.maximum(raw_delta, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP), 0.0)
+            ratio = tl.exp(log_ratio)
+            participates = mask & (ratio <= delta)
+            x = tl.where(participates, log_ratio, 0.0)
 
             # reverse discounted scan of this block (forward over lanes), then the later blocks through the carry
             _, local = tl.associative_scan((tl.full([BLOCK], 0.0, tl.float32) + log2_gamma, x), 0,
@@ -145,35 +149,36 @@ if TRITON_AVAILABLE:
                 clipped = tl.minimum(tl.maximum(raw, clip_lower), clip_upper)
             negative_adv = adv < 0
             safety = negative_adv & (ratio > safety_threshold)
-            weight = tl.where(safety, tl.minimum(tl.maximum(clipped, 0.8), 1.0), clipped)
+            weight = tl.where(safety, tl.minimum(tl.maximum(clipped, _SAFETY_MIN), _SAFETY_MAX), clipped)
             tl.store(WEIGHTS + row * T + pos, weight, mask=in_row)
             tl.store(FUTURE_KL + row * T + pos, future_kl, mask=in_row)
 
-            # dual-clip PPO surrogate on the weighted advantage (same operation order as the torch path)
+            # dual-clip PPO surrogate on the weighted advantage (same operation order as the C kernel)
             weighted_adv = adv * weight
             tl.store(WEIGHTED_ADV + row * T + pos, weighted_adv, mask=in_row)
             loss1 = -weighted_adv * ratio
             loss2 = -weighted_adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
             clip_loss = tl.maximum(loss1, loss2)
-            loss3 = -weighted_adv * dual_clip
+            loss3 = -weighted_adv * delta
             negative = weighted_adv < 0
-            token_loss = tl.where(negative, tl.minimum(loss3, clip_loss), clip_loss)
-            loss_sum += tl.sum(tl.where(mask, token_loss, 0.0), 0)
+            if STORE_LOSS:
+                token_loss = tl.where(negative, tl.minimum(loss3, clip_loss), clip_loss)
+                loss_sum += tl.sum(tl.where(mask, token_loss, 0.0), 0)
             dual_clipped = negative & (clip_loss > loss3) & mask
             if STORE_GRAD:
                 # d loss / d logp before the 1 / (kept tokens) scale: only the ratio carries gradient
-                ratio_live = tl.where(weighted_adv >= 0, ratio < ratio_high, (ratio > ratio_low) & (ratio < dual_clip))
-                live = mask & ratio_live & (tl.abs(raw_delta) <= log_ratio_clamp)
+                ratio_live = tl.where(weighted_adv >= 0, ratio < ratio_high, (ratio > ratio_low) & (ratio < delta))
+                live = mask & ratio_live & (tl.abs(raw_delta) <= _LOG_RATIO_CLAMP)
                 tl.store(GRAD + row * T + pos, tl.where(live, -weighted_adv * ratio, 0.0), mask=in_row)
 
-            # per-row partial sums for the metrics (response tokens, before the sequence filter)
+            # the row's stats (response tokens, before the sequence filter)
             ones = mask.to(tl.float32)
             positive_adv = adv > 0
             n_tokens += tl.sum(ones, 0)
             n_dual += tl.sum(dual_clipped.to(tl.float32), 0)
-            sum_neg_log_ratio += tl.sum(-delta, 0)
+            sum_neg_log_ratio += tl.sum(-log_ratio, 0)
             sum_future_kl += tl.sum(tl.where(mask, future_kl, 0.0), 0)
-            n_active += tl.sum((mask & (delta != 0)).to(tl.float32), 0)
+            n_active += tl.sum((mask & (log_ratio != 0)).to(tl.float32), 0)
             n_filtered += tl.sum((mask & ~participates).to(tl.float32), 0)
             n_pg_clipped += tl.sum((mask & (loss2 > loss1)).to(tl.float32), 0)
             n_safety += tl.sum((mask & safety).to(tl.float32), 0)
@@ -183,49 +188,56 @@ if TRITON_AVAILABLE:
             sum_raw += tl.sum(tl.where(mask, raw, 0.0), 0)
             min_raw = tl.minimum(min_raw, tl.min(tl.where(mask, raw, inf), 0))
             max_raw = tl.maximum(max_raw, tl.max(tl.where(mask, raw, -inf), 0))
-            n_upper += tl.sum((mask & (weight >= upper_clip_at)).to(tl.float32), 0)
-            n_lower += tl.sum((mask & (weight <= lower_clip_at)).to(tl.float32), 0)
+            n_upper += tl.sum((mask & (weight >= upper_clipped_at)).to(tl.float32), 0)
+            n_lower += tl.sum((mask & (weight <= lower_clipped_at)).to(tl.float32), 0)
             neg_mask = mask & negative_adv
             pos_mask = mask & positive_adv
-            n_neg_2_3 += tl.sum((neg_mask & (ratio >= 2.0) & (ratio < 3.0)).to(tl.float32), 0)
-            n_neg_3_4 += tl.sum((neg_mask & (ratio >= 3.0) & (ratio < 4.0)).to(tl.float32), 0)
-            n_neg_4_c += tl.sum((neg_mask & (ratio >= 4.0) & (ratio < dual_clip)).to(tl.float32), 0)
-            n_pos_mini += tl.sum((pos_mask & (ratio < 1e-3)).to(tl.float32), 0)
+            n_neg_2_3 += tl.sum((neg_mask & (ratio >= _NEG_EDGE_0) & (ratio < _NEG_EDGE_1)).to(tl.float32), 0)
+            n_neg_3_4 += tl.sum((neg_mask & (ratio >= _NEG_EDGE_1) & (ratio < _NEG_EDGE_2)).to(tl.float32), 0)
+            n_neg_4_c += tl.sum((neg_mask & (ratio >= _NEG_EDGE_2) & (ratio < delta)).to(tl.float32), 0)
+            n_pos_mini += tl.sum((pos_mask & (ratio < _POS_MINI_RATIO)).to(tl.float32), 0)
             max_neg_ratio = tl.maximum(max_neg_ratio, tl.max(tl.where(neg_mask, ratio, -inf), 0))
             max_pos_ratio = tl.maximum(max_pos_ratio, tl.max(tl.where(pos_mask, ratio, -inf), 0))
             min_pos_ratio = tl.minimum(min_pos_ratio, tl.min(tl.where(pos_mask, ratio, inf), 0))
 
-        out = ROW_STATS + row * N_STATS  # column order: ROW_STAT_COLUMNS
-        tl.store(out + 0, n_tokens)
-        tl.store(out + 1, n_dual)
-        tl.store(out + 2, loss_sum)
-        tl.store(out + 3, sum_neg_log_ratio)
-        tl.store(out + 4, sum_future_kl)
-        tl.store(out + 5, n_active)
-        tl.store(out + 6, n_filtered)
-        tl.store(out + 7, n_pg_clipped)
-        tl.store(out + 8, n_safety)
-        tl.store(out + 9, sum_weight)
-        tl.store(out + 10, min_weight)
-        tl.store(out + 11, max_weight)
-        tl.store(out + 12, sum_raw)
-        tl.store(out + 13, min_raw)
-        tl.store(out + 14, max_raw)
-        tl.store(out + 15, n_upper)
-        tl.store(out + 16, n_lower)
-        tl.store(out + 17, n_neg_2_3)
-        tl.store(out + 18, n_neg_3_4)
-        tl.store(out + 19, n_neg_4_c)
-        tl.store(out + 20, n_pos_mini)
-        tl.store(out + 21, max_neg_ratio)
-        tl.store(out + 22, max_pos_ratio)
-        tl.store(out + 23, min_pos_ratio)
+        # the sequence filter (docs/algorithm.md §1.7): more than one dual-clipped token drops the row
+        kept = n_dual <= 1
+        has_tokens = n_tokens > 0
+        tl.store(KEEP + row, kept.to(tl.int8))
+        if STORE_LOSS:
+            tl.store(ROW_LOSS + row, loss_sum)
+        out = ROW_STATS + row * N_STATS
+        tl.store(out + COLUMNS.n_tokens, n_tokens)
+        tl.store(out + COLUMNS.n_final_tokens, tl.where(kept, n_tokens, 0.0))
+        tl.store(out + COLUMNS.sum_neg_log_ratio, sum_neg_log_ratio)
+        tl.store(out + COLUMNS.sum_future_kl, sum_future_kl)
+        tl.store(out + COLUMNS.n_active, n_active)
+        tl.store(out + COLUMNS.n_filtered, n_filtered)
+        tl.store(out + COLUMNS.n_pg_clipped, n_pg_clipped)
+        tl.store(out + COLUMNS.n_dual_clipped, n_dual)
+        tl.store(out + COLUMNS.n_safety, n_safety)
+        tl.store(out + COLUMNS.sum_weight, sum_weight)
+        tl.store(out + COLUMNS.min_weight, min_weight)
+        tl.store(out + COLUMNS.max_weight, max_weight)
+        tl.store(out + COLUMNS.sum_raw_weight, sum_raw)
+        tl.store(out + COLUMNS.min_raw_weight, min_raw)
+        tl.store(out + COLUMNS.max_raw_weight, max_raw)
+        tl.store(out + COLUMNS.n_upper_clipped, n_upper)
+        tl.store(out + COLUMNS.n_lower_clipped, n_lower)
+        tl.store(out + COLUMNS.n_neg_ratio_2_3, n_neg_2_3)
+        tl.store(out + COLUMNS.n_neg_ratio_3_4, n_neg_3_4)
+        tl.store(out + COLUMNS.n_neg_ratio_4_c, n_neg_4_c)
+        tl.store(out + COLUMNS.n_pos_mini, n_pos_mini)
+        tl.store(out + COLUMNS.max_neg_ratio, max_neg_ratio)
+        tl.store(out + COLUMNS.max_pos_ratio, max_pos_ratio)
+        tl.store(out + COLUMNS.min_pos_ratio, min_pos_ratio)
+        tl.store(out + COLUMNS.n_rows, has_tokens.to(tl.float32))
+        tl.store(out + COLUMNS.n_dropped_rows, (has_tokens & ~kept).to(tl.float32))
 
 
 def _require_triton(device: torch.device) -> None:
     if not TRITON_AVAILABLE:
-        raise RuntimeError("fipo_trl: the Triton backend needs `triton` and `liger-kernel`; install them or use "
-                           "backend='torch'.")
+        raise RuntimeError("fipo_trl: the Triton backend needs `triton`; install it or use backend='torch'.")
     if not triton_usable(device):
         raise RuntimeError(
             f"fipo_trl: the Triton backend cannot run on {device} tensors in this process. It needs CUDA tensors, "
@@ -234,127 +246,44 @@ def _require_triton(device: torch.device) -> None:
         )
 
 
-def _launch_row_kernel(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip_high_only, safety_threshold,
-                       dual_clip, epsilon_low, epsilon_high, store_grad, block_size):
-    """Run the row kernel; returns weights, future_kl, A * f, grad (or None) and the (B, N_ROW_STATS) partial sums."""
+def compute_triton(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   hyperparameters: Hyperparameters, *, with_loss: bool = True,
+                   block_size: int | None = None) -> FIPOResult:
+    """FIPO (docs/algorithm.md §1) through the fused kernel; same inputs and result as ``fipo_torch.compute_torch``.
+    Computes in float32 (bf16/fp16/fp32 inputs); the gradient w.r.t. logps comes back in logps' dtype.
+    ``with_loss=False``: no loss sums and no gradient are computed (constexpr switches of the kernel)."""
     _require_triton(logps.device)
     if logps.dtype == torch.float64:
         raise TypeError("fipo_trl: the Triton backend computes in float32; float64 inputs (the reference dtype) "
                         "go through backend='torch'.")
+    store_grad = needs_gradient(logps, with_loss)
+    logps_leaf = logps
+    logps, old_logps, advantages, mask = (t.detach().contiguous() for t in (logps, old_logps, advantages, mask))
     B, T = logps.shape
     device = logps.device
     weights = torch.empty(B, T, dtype=torch.float32, device=device)
     future_kl, weighted_adv = torch.empty_like(weights), torch.empty_like(weights)
-    grad = torch.empty_like(weights) if store_grad else weights  # placeholder pointer when not stored
-    row_stats = torch.empty(B, N_ROW_STATS, dtype=torch.float32, device=device)
-    if B == 0:
-        return weights, future_kl, weighted_adv, (grad if store_grad else None), row_stats
-    if block_size is None:
-        block_size = min(DEFAULT_BLOCK_SIZE, triton.next_power_of_2(max(T, 16)))
-    _, num_warps = calculate_settings(block_size)
-    lower, upper = weight_bounds(clip_ratio, clip_high_only)
-    mask_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    adv_col_stride = advantages.stride(1) if advantages.dim() == 2 else 0
-    _fipo_row_kernel[(B,)](
-        logps, old_logps, advantages, mask_bytes,
-        weights, future_kl, weighted_adv, grad, row_stats,
-        T, logps.stride(0), old_logps.stride(0), advantages.stride(0), adv_col_stride, mask_bytes.stride(0),
-        math.log2(gamma), LOG_RATIO_CLAMP, lower, upper, upper - 1e-7, lower + 1e-7, safety_threshold, dual_clip,
-        1.0 - epsilon_low, 1.0 + epsilon_high,
-        UPPER_ONLY=clip_ratio == 0, STORE_GRAD=store_grad, N_STATS=N_ROW_STATS, BLOCK=block_size,
-        num_warps=num_warps,
-    )
-    return weights, future_kl, weighted_adv, (grad if store_grad else None), row_stats
-
-
-def _reduce_row_stats(row_stats: torch.Tensor):
-    """Row partial sums -> (keep, n_final, loss_sum, stats dict with the keys and semantics of ``fipo_torch._stats``)."""
-    # an identity row (0 for sums, +inf for minima, -inf for maxima) keeps B = 0 well defined
-    identity = torch.zeros(1, N_ROW_STATS, dtype=row_stats.dtype, device=row_stats.device)
-    for name in ROW_STAT_COLUMNS:
-        if name.startswith(("min_", "max_")):
-            identity[0, _COLUMN[name]] = math.inf if name.startswith("min_") else -math.inf
-    padded = torch.cat([row_stats, identity])
-    sums, minima, maxima = padded.sum(0), padded.amin(0), padded.amax(0)
-
-    def column(name):
-        index = _COLUMN[name]
-        return minima[index] if name.startswith("min_") else maxima[index] if name.startswith("max_") else sums[index]
-
-    row_tokens = row_stats[:, _COLUMN["n_tokens"]]
-    keep = row_stats[:, _COLUMN["n_dual_clipped"]] <= 1
-    has_tokens = row_tokens > 0
-    n_final = torch.where(keep, row_tokens, 0).sum()
-    loss_sum = torch.where(keep, row_stats[:, _COLUMN["loss_sum"]], 0).sum()
-    derived = {
-        "n_final_tokens": n_final,
-        "n_rows": has_tokens.sum().to(row_stats.dtype),
-        "n_dropped_rows": (has_tokens & ~keep).sum().to(row_stats.dtype),
-    }
-    stats = {name: derived[name] if name in derived else column(name) for name in _STATS_KEYS}
-    return keep, n_final, loss_sum, stats
-
-
-def fipo_weights_triton(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip_high_only, safety_threshold,
-                        dual_clip, epsilon_low, epsilon_high, block_size=None) -> FIPOTorchResult:
-    """The fused weight kernel: f, F, keep, stats and the loss VALUE (no gradient, nothing kept for autograd)."""
-    logps, old_logps, advantages, mask = (t.detach().contiguous() for t in (logps, old_logps, advantages, mask))
-    weights, future_kl, weighted_adv, _, row_stats = _launch_row_kernel(
-        logps, old_logps, advantages, mask, gamma=gamma, clip_ratio=clip_ratio, clip_high_only=clip_high_only,
-        safety_threshold=safety_threshold, dual_clip=dual_clip, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-        store_grad=False, block_size=block_size,
-    )
-    keep, n_final, loss_sum, stats = _reduce_row_stats(row_stats)
-    return FIPOTorchResult(loss_sum / (n_final + MASKED_MEAN_EPS), weights, future_kl, keep, stats, weighted_adv)
-
-
-class FIPOLossFunction(torch.autograd.Function if TRITON_AVAILABLE else object):
-    """Forward: the official loss and its gradient w.r.t. logps in one kernel pass. Backward: one scale."""
-
-    @staticmethod
-    @ensure_contiguous
-    def forward(ctx, logps, old_logps, advantages, mask, hyperparameters: dict, block_size):
-        weights, future_kl, weighted_adv, grad, row_stats = _launch_row_kernel(
-            logps, old_logps, advantages, mask, store_grad=True, block_size=block_size, **hyperparameters
+    grad = torch.empty_like(weights) if store_grad else None
+    row_loss = torch.empty(B, dtype=torch.float32, device=device) if with_loss else None
+    keep = torch.empty(B, dtype=torch.bool, device=device)
+    row_stats = torch.empty(B, N_STATS, dtype=torch.float32, device=device)
+    if B > 0:
+        block_size = block_size or min(DEFAULT_BLOCK_SIZE, triton.next_power_of_2(max(T, 16)))
+        h = hyperparameters
+        mask_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        _fipo_row_kernel[(B,)](
+            logps, old_logps, advantages, mask_bytes,
+            weights, future_kl, weighted_adv, weights if grad is None else grad,  # placeholder pointers when unused
+            keep.view(torch.int8), weights if row_loss is None else row_loss, row_stats,
+            T, logps.stride(0), old_logps.stride(0), advantages.stride(0),
+            advantages.stride(1) if advantages.dim() == 2 else 0, mask_bytes.stride(0),
+            math.log2(h.gamma), *h.weight_bounds, *h.clipped_at, h.safety_threshold, h.delta, *h.ratio_bounds,
+            UPPER_ONLY=h.clip_ratio == 0, STORE_LOSS=with_loss, STORE_GRAD=store_grad, N_STATS=N_STATS,
+            BLOCK=block_size, num_warps=warps_for(block_size),
         )
-        keep, n_final, loss_sum, stats = _reduce_row_stats(row_stats)
-        denominator = n_final + MASKED_MEAN_EPS
-        row_scale = keep.to(torch.float32) / denominator  # sequence filter and token mean, per row
-        ctx.save_for_backward(grad, row_scale)
-        ctx.logps_dtype = logps.dtype
-        packed_stats = torch.stack(list(stats.values()))
-        ctx.mark_non_differentiable(weights, future_kl, keep, packed_stats, weighted_adv)
-        return loss_sum / denominator, weights, future_kl, keep, packed_stats, weighted_adv
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        grad, row_scale = ctx.saved_tensors
-        grad_logps = grad * (grad_loss * row_scale)[:, None]
-        return grad_logps.to(ctx.logps_dtype), None, None, None, None, None
+    return result_from_rows(logps_leaf, weights=weights, weighted_advantages=weighted_adv, future_kl=future_kl,
+                            keep=keep, row_stats=row_stats, row_loss=row_loss, unscaled_grad=grad,
+                            stats_on_host=False)
 
 
-def fipo_loss_triton(logps, old_logps, advantages, mask, *, gamma, clip_ratio, clip_high_only, safety_threshold,
-                     dual_clip, epsilon_low, epsilon_high, block_size=None) -> FIPOTorchResult:
-    """The official FIPO loss (SPEC §1.1) through the fused kernel; same inputs and result as ``fipo_loss_torch``.
-    Computes in float32 (bf16/fp16/fp32 inputs); the gradient w.r.t. logps comes back in logps' dtype."""
-    hyperparameters = dict(gamma=gamma, clip_ratio=clip_ratio, clip_high_only=clip_high_only,
-                           safety_threshold=safety_threshold, dual_clip=dual_clip, epsilon_low=epsilon_low,
-                           epsilon_high=epsilon_high)
-    if not (torch.is_grad_enabled() and logps.requires_grad):
-        return fipo_weights_triton(logps, old_logps, advantages, mask, block_size=block_size, **hyperparameters)
-    _require_triton(logps.device)
-    loss, weights, future_kl, keep, packed, weighted_adv = FIPOLossFunction.apply(
-        logps, old_logps.detach(), advantages.detach(), mask, hyperparameters, block_size
-    )
-    return FIPOTorchResult(loss, weights, future_kl, keep, dict(zip(_STATS_KEYS, packed.unbind(0))), weighted_adv)
-
-
-__all__ = [
-    "DEFAULT_BLOCK_SIZE",
-    "FIPOLossFunction",
-    "TRITON_AVAILABLE",
-    "TRITON_INTERPRETED",
-    "fipo_loss_triton",
-    "fipo_weights_triton",
-    "triton_usable",
-]
+__all__ = ["DEFAULT_BLOCK_SIZE", "TRITON_AVAILABLE", "TRITON_INTERPRETED", "compute_triton", "triton_usable"]

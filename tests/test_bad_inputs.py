@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
+from fipo_trl._tiny import tiny_prompt_dataset
 from fipo_trl.hub import warn_hub_failure
 from fipo_trl.influence import render_influence_html
 from fipo_trl.rewards import MathVerifyReward, overlong_penalty
-from fipo_trl.testing import tiny_prompt_dataset
 
 
 def config(tmp_path, **overrides):
@@ -81,8 +81,7 @@ def batch(seed=0, B=3, T=7):
 @pytest.mark.parametrize("convert", [np.float32, np.float64, torch.tensor, lambda v: torch.tensor([v])],
                          ids=["np.float32", "np.float64", "0-dim tensor", "1-element tensor"])
 def test_numpy_and_tensor_hyperparameters_equal_floats(convert):
-    values = dict(decay_rate=16.0, clip_ratio=0.2, safety_threshold=3.0, dual_clip=10.0, epsilon_low=0.2,
-                  epsilon_high=0.28)
+    values = dict(decay_rate=16.0, clip_ratio=0.2, safety_threshold=3.0, delta=10.0, epsilon=0.2, epsilon_high=0.28)
     reference = fipo_loss(*batch(), **values)
     converted = fipo_loss(*batch(), **{name: convert(value) for name, value in values.items()},
                           clip_high_only=np.bool_(True))
@@ -90,8 +89,8 @@ def test_numpy_and_tensor_hyperparameters_equal_floats(convert):
     torch.testing.assert_close(converted.loss, reference.loss, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("field, value", [("clip_ratio", [0.2]), ("decay_rate", "32"), ("dual_clip", None),
-                                          ("epsilon_low", torch.ones(2)), ("clip_high_only", "yes")])
+@pytest.mark.parametrize("field, value", [("clip_ratio", [0.2]), ("decay_rate", "32"), ("delta", None),
+                                          ("epsilon", torch.ones(2)), ("clip_high_only", "yes")])
 def test_non_numbers_name_the_argument(field, value):
     with pytest.raises(ValueError, match=rf"`{field}` = .* is invalid"):
         fipo_loss(*batch(), **{field: value})

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve()
 
 def make_trainer(model_path, output_dir, **overrides):
     from fipo_trl import FIPOConfig, FIPOTrainer
-    from fipo_trl.testing import digit_reward, tiny_prompt_dataset
+    from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 
     settings = dict(output_dir=str(output_dir), bf16=False, per_device_train_batch_size=4, num_generations=4,
                     max_completion_length=8, max_steps=6, learning_rate=1e-2, fipo_updates_per_generation=2,

@@ -15,6 +15,7 @@ import matplotlib.image  # noqa: E402
 from fipo_trl.influence import read_influence_html  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))  # the demo's task module lives beside its scripts
 
 
 def load_example(name):
@@ -25,7 +26,7 @@ def load_example(name):
 
 
 def test_reward_and_task():
-    from fipo_trl.demo import arithmetic_problems, correctness_reward, parse_answer
+    from arithmetic_demo import arithmetic_problems, correctness_reward, parse_answer
 
     problems = arithmetic_problems()
     assert len(problems) == 110 and ("what is seven minus three ?", "4") in problems

@@ -25,14 +25,14 @@ def no_model_load(monkeypatch):
     """Fail the test if anything loads (or builds) a model or tokenizer."""
     import transformers
 
-    import fipo_trl.testing
+    import fipo_trl._tiny
 
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
     monkeypatch.setattr(evaluation, "transformers_generator", loaded)
     monkeypatch.setattr(evaluation, "vllm_generator", loaded)
-    monkeypatch.setattr(fipo_trl.testing, "build_tiny_model", loaded)
+    monkeypatch.setattr(fipo_trl._tiny, "build_tiny_model", loaded)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loaded)
 
 

@@ -4,8 +4,8 @@ import torch
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
+from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 from fipo_trl.influence import TokenInfluenceCallback, read_influence_html
-from fipo_trl.testing import digit_reward, tiny_prompt_dataset
 
 
 def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl.testing import digit_reward, tiny_prompt_dataset
+from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 
 
 def make_trainer(model_path, tmp_path, peft_config=None, **overrides):

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 import fipo_trl.trainer
-from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
+from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss, fipo_weights
+from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable
-from fipo_trl.testing import digit_reward, tiny_prompt_dataset
 
 PAIRS = [(GRPOTrainer, GRPOConfig), (FIPOTrainer, FIPOConfig)]
 PAIR_IDS = ["grpo", "fipo"]
@@ -47,12 +47,12 @@ def losses(trainer):
 
 def force_unit_weights(monkeypatch):
     def unit_weights(logps, old, advantages, mask, **kwargs):
-        out = fipo_loss(logps, old, advantages, mask, **kwargs)
+        out = fipo_weights(logps, old, advantages, mask, **kwargs)
         unweighted = (advantages[:, None] if advantages.dim() == 1 else advantages) * mask  # A * 1, 0 off the response
         return dataclasses.replace(out, weights=torch.ones_like(out.weights), keep=torch.ones_like(out.keep),
                                    weighted_advantages=unweighted.to(out.weighted_advantages.dtype))
 
-    monkeypatch.setattr(fipo_trl.trainer, "fipo_loss", unit_weights)
+    monkeypatch.setattr(fipo_trl.trainer, "fipo_weights", unit_weights)
 
 
 # --- parity and activity ---------------------------------------------------------------------------------------
@@ -60,7 +60,8 @@ def force_unit_weights(monkeypatch):
 
 LOSS_SETTINGS = {  # every TRL loss type, and sequence-level importance sampling (GSPO, and LUSPO as its paper)
     "dapo": {}, "bnpo": {}, "grpo": {}, "dr_grpo": {}, "luspo": {"importance_sampling_level": "sequence"},
-    "cispo": {"epsilon_high": 5.0}, "sapo": {}, "vespo": {}, "bnpo_sequence": {"importance_sampling_level": "sequence"},
+    "cispo": {"epsilon_high": 5.0}, "sapo": {}, "vespo": {},
+    "bnpo_sequence": {"importance_sampling_level": "sequence"},
 }
 
 
@@ -86,11 +87,11 @@ def test_unit_weights_reproduce_grpo_exactly(setting, tiny_model_path, tmp_path,
 
 
 class RecordComputeLoss:
-    """Spy on GRPOTrainer._compute_loss: the advantages TRL actually used, and the fipo_loss call behind them."""
+    """Spy on GRPOTrainer._compute_loss: the advantages TRL actually used, and the fipo_weights call behind them."""
 
     def __init__(self, monkeypatch):
         self.calls, self.fipo_calls = [], []
-        original_compute, original_fipo = GRPOTrainer._compute_loss, fipo_trl.trainer.fipo_loss
+        original_compute, original_fipo = GRPOTrainer._compute_loss, fipo_trl.trainer.fipo_weights
 
         def compute(trainer, model, inputs):
             loss = original_compute(trainer, model, inputs)
@@ -103,7 +104,7 @@ class RecordComputeLoss:
             return original_fipo(*args, **kwargs)
 
         monkeypatch.setattr(GRPOTrainer, "_compute_loss", compute)
-        monkeypatch.setattr(fipo_trl.trainer, "fipo_loss", recording_fipo)
+        monkeypatch.setattr(fipo_trl.trainer, "fipo_weights", recording_fipo)
 
 
 def test_fipo_is_active_after_the_first_update_of_each_generation_batch(tiny_model_path, tmp_path, monkeypatch):
@@ -117,17 +118,19 @@ def test_fipo_is_active_after_the_first_update_of_each_generation_batch(tiny_mod
             assert active[step] == 0 and future_kl[step] == 0
         else:
             assert active[step] > 0.5 and future_kl[step] != 0
-    # The advantages TRL trained with are A * f, f from fipo_loss on the very tensors of that micro-step.
+    # The advantages TRL trained with are A * f, f from fipo_weights on the very tensors of that micro-step.
     assert len(spy.calls) == len(spy.fipo_calls) == 8
+    official = dict(decay_rate=32.0, clip_ratio=0.2, clip_high_only=True, safety_threshold=10.0, delta=10.0,
+                    epsilon=0.2, epsilon_high=0.28)
     for call, (args, kwargs) in zip(spy.calls, spy.fipo_calls):
         logps, old, advantages, mask = args
-        out = fipo_loss(logps, old, advantages, mask, decay_rate=32.0, clip_ratio=0.2, clip_high_only=True,
-                        safety_threshold=10.0, dual_clip=10.0, epsilon_low=0.2, epsilon_high=0.28)
+        assert kwargs == official  # the config's fields, under the functional names
+        out = fipo_weights(logps, old, advantages, mask, **official)
         torch.testing.assert_close(call["advantages"], out.weighted_advantages, rtol=0, atol=0)
         on_response = (advantages[:, None] * out.weights)[mask]  # A * f on the response, 0 elsewhere
         torch.testing.assert_close(call["advantages"][mask], on_response, rtol=0, atol=0)
         assert (call["advantages"][~mask] == 0).all()
-    weights = [fipo_loss(*args, **kwargs).weights for args, kwargs in spy.fipo_calls]
+    weights = [fipo_weights(*args, **kwargs).weights for args, kwargs in spy.fipo_calls]
     assert any((w != 1).any() for w in weights)
     # on CPU the trainer uses the fused C kernel (the torch path where no C compiler exists), and says so
     fused = cpu_kernel_usable()
@@ -381,8 +384,7 @@ def test_hook_fails_loudly_if_trl_reads_advantages_first(tiny_model_path, tmp_pa
 
 
 def test_model_card_written_on_save_cites_fipo(tiny_model_path, tmp_path):
-    trainer = train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path, max_steps=2, save_strategy="steps",
-                    save_steps=2)
+    train(FIPOTrainer, FIPOConfig, tiny_model_path, tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "FIPO" in card and "2603.19835" in card and "Future-KL Influenced Policy Optimization" in card
     assert "- fipo" in card and "@article{fipo2026" in card

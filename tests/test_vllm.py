@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from trl import TrlParser
 
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
-from fipo_trl.testing import digit_reward, tiny_prompt_dataset
+from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])

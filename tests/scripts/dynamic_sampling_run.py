@@ -13,7 +13,7 @@ import sys
 import torch
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl.testing import digit_reward, tiny_prompt_dataset
+from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 
 G = 4
 

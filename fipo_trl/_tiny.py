@@ -1,17 +1,15 @@
 """A tiny causal LM, its tokenizer and a toy task, built locally in a fraction of a second (no Hub access).
 
-Used by the tests and by the examples' embedded default. The model is a 2-layer Llama (a Llama config keeps
-transformers from swapping in a Qwen2 BPE tokenizer on reload) with a word-level tokenizer whose decoding
-round-trips exactly (WordPiece decoder with cleanup off).
+Private: the embedded default of ``fipo-trl train`` / ``fipo-trl eval`` (no model named), the examples and the
+tests. The model is a 2-layer Llama (a Llama config keeps transformers from swapping in a Qwen2 BPE tokenizer on
+reload) with a word-level tokenizer whose decoding round-trips exactly (WordPiece decoder with cleanup off).
 """
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
 WORDS = (
@@ -101,33 +99,3 @@ def digit_reward(completions, answer=None, **kwargs) -> list[float]:
         correct = answer is not None and answer[i] in words
         rewards.append(float(correct) + 0.1 * digits - 0.02 * len(words))
     return rewards
-
-
-class AllocationProbe(TorchDispatchMode):
-    """Memory probe for CPU code: the largest tensor any op creates (``largest_numel``) and the peak of bytes held
-    at once by the tensor storages created inside the probe (``peak``; inputs excluded). Used by the tests (no
-    T x T buffer) and the benchmarks (peak extra memory), where torch.cuda's allocator statistics do not exist."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest_numel = self.live = self.peak = 0
-        self._alive: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor):
-                self.largest_numel = max(self.largest_numel, tensor.numel())
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self._alive:
-                    self._alive.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(tensor, self._release, key, storage.nbytes())  # when the last view dies
-        return out
-
-    def _release(self, key: int, nbytes: int) -> None:
-        if key in self._alive:
-            self._alive.discard(key)
-            self.live -= nbytes

@@ -115,7 +115,7 @@ def greedy_accuracy(model, tokenizer, *, operations: tuple[str, ...] = OPERATION
 
 def prepare_model(workdir: str | Path, *, seed: int = 0, warm_start_steps: int = 400) -> Path:
     """Build the tiny offline model and warm-start it on the answer format; return the warm-started path."""
-    from fipo_trl.testing import build_tiny_model
+    from fipo_trl._tiny import build_tiny_model
 
     workdir = Path(workdir)
     base = build_tiny_model(workdir / "base-model", seed=seed)
