@@ -15,7 +15,7 @@ def make_trainer(model_path, tmp_path, peft_config=None, **overrides):
     args = FIPOConfig(output_dir=str(tmp_path / "run"), bf16=False, per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=8, report_to="none", gradient_checkpointing=False,
                       gradient_accumulation_steps=2, fipo_clip_high_only=False, fipo_safety_threshold=3.0, **overrides)
-    return FIPOTrainer(model=model_path, reward_funcs=digit_reward, args=args, train_dataset=tiny_prompt_dataset(8),
+    return FIPOTrainer(model=model_path, reward_funcs=digit_reward, args=args, train_dataset=tiny_prompt_dataset(16),
                        peft_config=peft_config)
 
 

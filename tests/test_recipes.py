@@ -37,7 +37,7 @@ def test_recipe_parses_and_keeps_the_fipo_invariants(name):
     assert args.delta > 1 + args.epsilon_high  # the dual clip sits above the PPO clip
     # Every value line names its source (or says why it is not a paper value).
     text = (RECIPES / name).read_text()
-    assert "SPEC §2" in text or "SPEC §3" in text
+    assert "launcher" in text and "algorithm §" in text and "SPEC" not in text
 
 
 def test_official_32b_recipe():
