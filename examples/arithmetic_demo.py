@@ -127,7 +127,7 @@ def prepare_model(workdir: str | Path, *, seed: int = 0, warm_start_steps: int =
 DEMO_TRAINING = dict(
     per_device_train_batch_size=64,  # completions per optimizer update (8 prompts x 8 completions)
     num_generations=8,
-    steps_per_generation=8,  # 8 optimizer updates per generation batch, the official FIPO scheme (docs/algorithm.md §2.1)
+    steps_per_generation=8,  # 8 optimizer updates per generation batch, as the official runs (docs/algorithm.md §2.1)
     max_completion_length=8,
     temperature=1.0,
     learning_rate=5e-4,  # 1e-3 and above drift away from the answer format on this model

@@ -1,4 +1,4 @@
-"""Launched by tests/test_distributed.py under `accelerate launch`: trains the tiny model with FIPO and writes
+"""Launched by tests/trainer/test_distributed.py under `accelerate launch`: trains the tiny model with FIPO and writes
 what each rank saw to <result_dir>/rank<i>.json."""
 
 import json

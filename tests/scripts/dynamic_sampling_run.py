@@ -1,4 +1,5 @@
-"""Launched by tests/test_distributed.py under `accelerate launch`: FIPO with dynamic sampling on several processes.
+"""Launched by tests/trainer/test_distributed.py under `accelerate launch`: FIPO with dynamic sampling on several
+processes.
 
     dynamic_sampling_run.py MODEL OUTPUT_DIR RESULT_DIR [CHECKPOINT]
 

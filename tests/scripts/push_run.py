@@ -1,4 +1,4 @@
-"""Launched by tests/test_hub.py with HF_ENDPOINT pointing at a Hub stand-in (or at nothing): trains the tiny
+"""Launched by tests/trainer/test_hub.py with HF_ENDPOINT pointing at a Hub stand-in (or at nothing): trains the tiny
 model with push_to_hub, then pushes the final model with its card."""
 
 import argparse

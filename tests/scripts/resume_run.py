@@ -1,5 +1,5 @@
-"""Launched by tests/test_resume.py: trains the tiny model with FIPO, optionally SIGKILLs itself right after the
-checkpoint of a given step, or resumes from a checkpoint; writes the final parameters to <output_dir>/final.pt."""
+"""Launched by tests/trainer/test_resume.py: trains the tiny model with FIPO, optionally SIGKILLs itself right after
+the checkpoint of a given step, or resumes from a checkpoint; writes the final parameters to <output_dir>/final.pt."""
 
 import argparse
 import os

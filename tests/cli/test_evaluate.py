@@ -12,7 +12,7 @@ import pytest
 from fipo_trl.math_metrics import METRIC_PATH, load_math_metric
 from fipo_trl.math_metrics.math_metrics import majority_vote, pass_at_k
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_pass_at_k_unbiased_estimator():

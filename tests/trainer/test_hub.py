@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from hub_stand_in import HubStandIn
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "push_run.py"
+pytestmark = pytest.mark.slow  # subprocess runs of whole trainings
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "push_run.py"
 
 
 def hub_env(endpoint, token):

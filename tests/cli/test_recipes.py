@@ -6,7 +6,7 @@ import pytest
 
 from fipo_trl.cli import make_parser
 
-RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "examples" / "recipes"
 # Processes each recipe's batch sizes are written for (its header says so).
 PROCESSES = {"qwen2.5-32b-dapo-math.yaml": 16, "qwen2.5-math-7b.yaml": 16, "qwen2.5-1.5b-single-gpu.yaml": 1,
              "tiny-cpu.yaml": 1}

@@ -1,5 +1,5 @@
 """vLLM generation, what can be checked without a GPU: config pass-through and which log-probs are pi_old.
-The GPU runs (vLLM colocate, with and without LoRA) are in tests/test_gpu.py."""
+The GPU runs (vLLM colocate, with and without LoRA) are in tests/trainer/test_gpu.py."""
 
 import pytest
 import torch

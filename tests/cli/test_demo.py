@@ -14,7 +14,9 @@ import matplotlib.image  # noqa: E402
 
 from fipo_trl.influence import read_influence_html  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocess runs of whole trainings
+
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))  # the demo's task module lives beside its scripts
 
 

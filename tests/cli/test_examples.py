@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocess runs of whole trainings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_script(*args, cwd):

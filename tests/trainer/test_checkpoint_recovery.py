@@ -1,7 +1,7 @@
 """Checkpoints cut short by a kill or a full disk: resuming uses the newest complete one (fipo_trl/checkpoints.py).
 
 The slow tests SIGKILL real training processes during a checkpoint save; this file is also their child process
-(``python tests/test_checkpoint_recovery.py <model> <output_dir> ...``, see ``child_main``).
+(``python tests/trainer/test_checkpoint_recovery.py <model> <output_dir> ...``, see ``child_main``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve()
 
 
 # --- A small FIPO run (2 updates per generation batch, checkpoints every 2 steps on generation boundaries, so a
-# resumed run equals an uninterrupted one, as in tests/test_resume.py) --------------------------------------------
+# resumed run equals an uninterrupted one, as in tests/trainer/test_resume.py) ----------------------------------------
 
 def make_trainer(model_path, output_dir, **overrides):
     from fipo_trl import FIPOConfig, FIPOTrainer

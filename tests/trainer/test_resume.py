@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "resume_run.py"
+pytestmark = pytest.mark.slow  # subprocess runs of whole trainings
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "resume_run.py"
 
 
 def run(*args):

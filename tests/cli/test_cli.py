@@ -11,7 +11,7 @@ import pytest
 
 from fipo_trl import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, cwd):
@@ -25,6 +25,7 @@ def test_console_script_is_declared():
     assert scripts["fipo-trl"] == "fipo_trl.cli:main" and callable(cli.main)
 
 
+@pytest.mark.slow  # a subprocess
 def test_help_lists_fipo_and_toolkit_fields(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -35,6 +36,7 @@ def test_help_lists_fipo_and_toolkit_fields(tmp_path):
     assert "Future-KL decay rate" in result.stdout  # the help text, not just the flag
 
 
+@pytest.mark.slow  # a subprocess
 def test_trains_the_tiny_model_from_the_recipe_file(tmp_path):
     result = run_cli("train", "--config", str(REPO / "examples" / "recipes" / "tiny-cpu.yaml"), "--max_steps", "4",
                      cwd=tmp_path)
@@ -89,6 +91,7 @@ def run_console_script(*args, cwd):
                           timeout=600)
 
 
+@pytest.mark.slow  # a subprocess
 def test_installed_console_script_exits_0_on_success_and_prints_no_repr(tmp_path):
     assert CONSOLE_SCRIPT.exists(), "pip install -e . installs the fipo-trl console script"
     result = run_console_script("train", "--max_steps", "2", "--output_dir", str(tmp_path / "o"),
@@ -98,6 +101,7 @@ def test_installed_console_script_exits_0_on_success_and_prints_no_repr(tmp_path
     assert (tmp_path / "o" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("reward, match", [
     ("no_such_module.reward", "cannot import module 'no_such_module'"),
     ("json.no_such_function", "module 'json' has no attribute 'no_such_function'"),

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocess runs of whole trainings
+
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "examples" / "accelerate_configs"
 
 

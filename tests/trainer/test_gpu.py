@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "gpu_smoke_test.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "gpu_smoke_test.py"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
