@@ -1,10 +1,10 @@
 """Launched by tests/trainer/test_distributed.py under `accelerate launch`: trains the tiny model with FIPO and writes
 what each rank saw to <result_dir>/rank<i>.json."""
 
-import json
 import sys
 
 import torch
+from rank_results import write_rank_result
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
@@ -42,11 +42,7 @@ def main(model_path, output_dir, result_dir):
         "param_abs_sum": params.abs().sum().item(), "param_head": params[:64].tolist(),
         "logged_active": [h["fipo/active"] for h in trainer.state.log_history if "fipo/active" in h],
     }
-    with open(f"{result_dir}/rank{acc.process_index}.json", "w") as f:
-        json.dump(result, f)
-    if torch.distributed.is_initialized():  # an explicit teardown avoids a sporadic abort at exit with gloo
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    write_rank_result(result_dir, acc, result)
 
 
 if __name__ == "__main__":

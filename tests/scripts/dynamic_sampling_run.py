@@ -8,10 +8,10 @@ writes what each rank saw to RESULT_DIR/rank<i>.json: the batches the dynamic sa
 and advantage of each local row), the log history and the final parameters.
 """
 
-import json
 import sys
 
 import torch
+from rank_results import write_rank_result
 
 from fipo_trl import FIPOConfig, FIPOTrainer
 from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
@@ -59,11 +59,7 @@ def main(model_path, output_dir, result_dir, checkpoint=None):
         "log_history": trainer.state.log_history, "params": params.tolist()[:256], "param_sum": params.sum().item(),
         "stream": trainer._dynamic_sampler.stream.state_dict(),
     }
-    with open(f"{result_dir}/rank{acc.process_index}.json", "w") as f:
-        json.dump(result, f)
-    if torch.distributed.is_initialized():  # an explicit teardown avoids a sporadic abort at exit with gloo
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    write_rank_result(result_dir, acc, result)
 
 
 if __name__ == "__main__":
