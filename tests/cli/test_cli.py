@@ -75,6 +75,7 @@ def test_trains_from_flags_with_a_dataset_mixture_and_shipped_rewards(tiny_model
     assert set(trainer.train_dataset.column_names) == {"prompt", "answer"}  # the mixture's `columns`
     assert len([h for h in trainer.state.log_history if "loss" in h]) == 2
     assert (tmp_path / "o" / "model.safetensors").exists()
+    assert "on json: problems.jsonl" in (tmp_path / "o" / "README.md").read_text()  # the card names the mixture's data
 
 
 def test_unknown_reward_name_is_rejected():
