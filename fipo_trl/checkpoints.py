@@ -366,3 +366,15 @@ def guard_checkpoint_saves(trainer):
             trainer._save_checkpoint = original
         else:
             del trainer._save_checkpoint
+
+
+class SafeCheckpointsMixin:
+    """Mix in before ``transformers.Trainer`` (FIPOTrainer does): ``train`` becomes safe against checkpoints cut
+    short by a kill or a full disk. Resuming (True, "true" or a path) uses the newest *complete* checkpoint and warns
+    about each partial one it skips, and every save is marked in progress until it has finished. Nothing here is
+    specific to FIPO."""
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)
+        with guard_checkpoint_saves(self):
+            return super().train(resume_from_checkpoint, *args, **kwargs)

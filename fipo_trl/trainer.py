@@ -19,6 +19,7 @@ import torch
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
+from fipo_trl.checkpoints import SafeCheckpointsMixin
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
 from fipo_trl.dynamic_sampling import DynamicSamplingMixin
 from fipo_trl.hub import HubResilienceMixin
@@ -114,7 +115,7 @@ def _non_finite_loss_message(loss: torch.Tensor, advantages: torch.Tensor, delta
             f"checkpoints are intact. Cause: {cause}.")
 
 
-class FIPOTrainer(HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
+class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
     """Trainer for FIPO (arXiv 2603.19835). Use exactly like [`~trl.GRPOTrainer`], with a [`FIPOConfig`].
 
     Loss normalisation: with ``loss_type="bnpo"`` (FIPOConfig's default) each micro-batch contributes the token mean
@@ -167,16 +168,6 @@ class FIPOTrainer(HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
         self.fipo_backend: str | None = None  # which path computes the weights: "triton", "cpu" or "torch"
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """[`~transformers.Trainer.train`], safe against checkpoints cut short by a kill or a full disk: resuming
-        (True, "true" or a path) uses the newest *complete* checkpoint and warns about each partial one it skips,
-        and every save is marked in progress until it has finished (see fipo_trl/checkpoints.py)."""
-        from fipo_trl.checkpoints import guard_checkpoint_saves, prepare_resume
-
-        resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)
-        with guard_checkpoint_saves(self):
-            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None,
