@@ -164,7 +164,8 @@ def load_training_data(script_args, dataset_args, embedded: bool):
                                  "'prompt' column).")
             if not path.is_file():
                 raise ValueError(f"--dataset_name {name!r}: no such file.")
-            builder, data_files, name = LOCAL_FILE_BUILDERS[path.suffix.lower()], str(path), path.name
+            builder, data_files = LOCAL_FILE_BUILDERS[path.suffix.lower()], str(path)
+            name = f"{builder}: {path.name}"  # a local file, never taken for a Hub id by the card
         else:
             builder = name
             if data_files:
