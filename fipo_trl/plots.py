@@ -69,18 +69,19 @@ def _mean_band(runs: list[tuple[list[int], list[float]]]) -> tuple[list[int], li
 
 
 def plot_training_curves(runs: dict[str, list[list[dict]]], path: str, *, title: str | None = None,
-                         smooth: int = 1, dpi: int = 90) -> str:
+                         smooth: int = 1, dpi: int = 90, panels: list[tuple[str, str]] = PANELS) -> str:
     """Write a PNG of reward, completion length and FIPO weight statistics vs optimizer step.
 
     runs: ``{label: [log_history of seed 1, log_history of seed 2, ...]}``; with several histories per label the
     line is their mean and the band mean +- std. ``smooth`` averages each run over that many logged points first.
+    ``panels``: ``[(log key, title), ...]``, one panel each (default: reward, length and the FIPO weight).
     """
     Figure, FigureCanvasAgg = require_matplotlib()
-    figure = Figure(figsize=(4 * len(PANELS), 3.4), dpi=dpi, layout="constrained")
+    figure = Figure(figsize=(4 * len(panels), 3.4), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(PANELS))
-    colors = ["tab:orange", "tab:blue", "tab:green", "tab:red"]
-    for (key, panel_title), axis in zip(PANELS, axes):
+    axes = figure.subplots(1, len(panels))
+    colors = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+    for (key, panel_title), axis in zip(panels, axes):
         for (label, histories), color in zip(runs.items(), colors):
             per_run = [series(history, key) for history in histories]
             per_run = [(steps, _smooth(values, smooth)) for steps, values in per_run if steps]

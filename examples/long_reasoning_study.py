@@ -1,0 +1,338 @@
+"""GRPO vs DAPO vs FIPO on a task where reasoning longer pays off (examples/reasoning_task.py), several seeds.
+
+    python examples/long_reasoning_study.py --output_dir examples/results/long_reasoning        # 5 seeds x 3 arms
+    python examples/long_reasoning_study.py --variants fipo-tau8 fipo-tau128 fipo-clip1 dapo-16 fipo-16 \\
+        --reference examples/results/long_reasoning/study.json --output_dir examples/results/long_reasoning_ablation
+    python examples/long_reasoning_study.py --quick --output_dir /tmp/study                      # seconds
+
+The paper's claim: under FIPO responses grow longer and accuracy rises faster or ends higher than under DAPO. Every
+arm starts from the same warm-started model per seed, sees the same prompts in the same order, and makes the same
+number of optimizer updates of the same size on the same number of sampled completions:
+
+- grpo: TRL's GRPOTrainer with TRL's loss defaults, one update per generation batch (fully on-policy);
+- dapo: GRPOTrainer with the official loss settings (token-mean bnpo, clip-higher 0.28, dual clip 10, no KL) and 8
+  updates per generation batch, as the official runs;
+- fipo: FIPOTrainer, identical to dapo except for FIPO's Future-KL weight.
+
+Variants for the ablation change one knob of an arm (``VARIANTS``). Per seed the script warm-starts one model
+(seed = warm-start seed = RL seed), runs every arm from it in parallel worker processes, evaluates each final model
+greedily on 512 held-out problems, and writes to --output_dir:
+
+- study.md: the table, the significance tests and the wall time; study.json: every number and curve;
+- curves.png: accuracy, length, share of full chains and FIPO's weight, mean ± std over seeds;
+- future_kl_by_position.png: F and f against the token's position in the response;
+- influence/step-N.html: the first seed's FIPO run at its last update, longest completions first.
+
+Settings were chosen on a dev seed (100) that is not among the reported seeds. Needs matplotlib and scipy:
+pip install 'fipo_trl[demo]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MAX_COMPLETION_LENGTH = 64  # a full chain of 8 operands is 45 tokens
+SHARED = dict(  # every arm
+    per_device_train_batch_size=64,  # completions per optimizer update: 8 prompts x 8 completions
+    num_generations=8,
+    max_completion_length=MAX_COMPLETION_LENGTH,
+    temperature=1.0,
+    learning_rate=5e-4,
+    lr_scheduler_type="constant",
+    vllm_importance_sampling_correction=False,
+    bf16=False, gradient_checkpointing=False, save_strategy="no", report_to="none", disable_tqdm=True,
+)
+OFFICIAL_LOSS = dict(loss_type="bnpo", epsilon=0.2, epsilon_high=0.28, delta=10.0, beta=0.0)
+UPDATES_PER_GENERATION = 8
+# name: (trainer, config overrides). grpo/dapo/fipo are the study; the rest change one knob for the ablation.
+VARIANTS = {
+    "grpo": ("grpo", {"steps_per_generation": 1}),
+    "dapo": ("dapo", {}),
+    "fipo": ("fipo", {}),
+    "fipo-tau8": ("fipo", {"fipo_decay_rate": 8.0}),  # a short Future-KL horizon (paper's ablation: 8/32/128/256)
+    "fipo-tau128": ("fipo", {"fipo_decay_rate": 128.0}),  # a long one: the whole response
+    "fipo-clip1": ("fipo", {"fipo_clip_ratio": 1.0}),  # weight cap 2.0 instead of 1.2
+    "dapo-16": ("dapo", {"steps_per_generation": 16}),  # twice the updates per batch: further off-policy
+    "fipo-16": ("fipo", {"steps_per_generation": 16}),
+}
+STUDY = ("grpo", "dapo", "fipo")
+PANELS = [
+    ("rewards/accuracy/mean", "accuracy (sampled, T=1)"),
+    ("completions/mean_length", "response length (tokens)"),
+    ("rewards/stepwise_share/mean", "share of full chains"),
+    ("fipo/influence_weights_mean", "FIPO weight f: mean"),
+    ("fipo/IW_upper_clip_ratio", "FIPO weight f: share at the cap"),
+]
+KEPT_METRICS = {"step", *(key for key, _ in PANELS), "fipo/future_kl_mean", "fipo/active", "reward"}
+TEST_PROBLEMS, TEST_SEED, TRAIN_PROMPTS = 512, 10_000, 8192
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/long-reasoning")
+    parser.add_argument("--variants", nargs="+", default=list(STUDY), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--max_steps", type=int, default=240, help="optimizer steps per run (a multiple of 16)")
+    parser.add_argument("--logging_steps", type=int, default=8, help="a multiple of 8: whole generation batches")
+    parser.add_argument("--warm_start_steps", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    parser.add_argument("--reference", help="study.json of an earlier run whose runs join this report (ablation)")
+    parser.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in seconds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.max_steps, args.logging_steps, args.warm_start_steps, args.workers = [0, 1], 8, 8, 20, 1
+        args.variants = [v for v in args.variants if VARIANTS[v][1].get("steps_per_generation", 8) <= 8]
+    if any(VARIANTS[v][1].get("steps_per_generation", UPDATES_PER_GENERATION) > args.max_steps for v in args.variants):
+        parser.error("--max_steps must cover one generation batch of every variant")
+    return args
+
+
+def training_args(variant: str, output_dir: str, *, seed: int, max_steps: int, logging_steps: int):
+    """The config of one arm: SHARED, plus the official loss for dapo/fipo, plus the variant's overrides."""
+    trainer, overrides = VARIANTS[variant]
+    kwargs = {**SHARED, "output_dir": output_dir, "seed": seed, "max_steps": max_steps,
+              "logging_steps": logging_steps}
+    from reasoning_task import REWARD_WEIGHTS
+
+    kwargs["reward_weights"] = REWARD_WEIGHTS
+    if trainer == "grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig(**kwargs, **overrides)  # TRL's loss defaults
+    kwargs.update(OFFICIAL_LOSS, steps_per_generation=UPDATES_PER_GENERATION)
+    kwargs.update(overrides)
+    if trainer == "dapo":
+        from trl import GRPOConfig
+
+        return GRPOConfig(**kwargs)
+    from fipo_trl import FIPOConfig
+
+    return FIPOConfig(**kwargs)
+
+
+class FutureKLByPosition:
+    """Sums F and f of every response token by its position, separately for the two halves of training, from the
+    weights the trainer computed (``FIPOTrainer.fipo_last_batch``: the last micro-batch of each optimizer step)."""
+
+    def __init__(self, trainer, max_steps: int, length: int):
+        from transformers import TrainerCallback
+
+        self.totals = {half: {"F": [0.0] * length, "f": [0.0] * length, "n": [0.0] * length}
+                       for half in ("first half", "second half")}
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                batch = trainer.fipo_last_batch
+                if batch is None:
+                    return
+                totals = outer.totals["first half" if state.global_step <= max_steps // 2 else "second half"]
+                mask = batch["mask"].float()
+                for key, values in (("F", batch["future_kl"].float() * mask), ("f", batch["weights"].float() * mask),
+                                    ("n", mask)):
+                    for position, value in enumerate(values.sum(0).tolist()):  # completions are <= length wide
+                        totals[key][position] += value
+
+        self.callback = Callback()
+
+    def means(self) -> dict:
+        return {half: {key: [s / n if n else None for s, n in zip(totals[key], totals["n"])] for key in ("F", "f")}
+                | {"tokens": totals["n"]} for half, totals in self.totals.items()}
+
+
+def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_steps: int,
+              influence_dir: str | None = None) -> dict:
+    """One run; its curves, held-out evaluation and wall time (picklable, for worker processes). With
+    ``influence_dir``, a FIPO run also writes the token-influence page of its last update there."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+
+    torch.set_num_threads(1)  # tiny model: more threads only add contention between parallel runs
+    from reasoning_task import REWARD_FUNCS, evaluate, problems, task_dataset
+
+    trainer_name = VARIANTS[variant][0]
+    if trainer_name == "fipo":
+        from fipo_trl import FIPOTrainer as trainer_cls
+    else:
+        from trl import GRPOTrainer as trainer_cls
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = training_args(variant, output_dir, seed=seed, max_steps=max_steps, logging_steps=logging_steps)
+        # The prompts depend on the seed only, so every arm of a seed sees the same prompts in the same order.
+        trainer = trainer_cls(model=model_path, reward_funcs=REWARD_FUNCS, args=config,
+                              train_dataset=task_dataset(TRAIN_PROMPTS, seed=seed))
+        trainer.remove_callback(PrinterCallback)  # one line per run below, not ~40 keys per logging step
+        by_position = None
+        if trainer_name == "fipo":
+            by_position = FutureKLByPosition(trainer, max_steps, MAX_COMPLETION_LENGTH)
+            trainer.add_callback(by_position.callback)
+            if influence_dir:
+                from fipo_trl.influence import TokenInfluenceCallback
+
+                # The last step is the 8th update on its generation batch: the most off-policy one, largest F.
+                trainer.add_callback(TokenInfluenceCallback(trainer, every_n_steps=max_steps, max_completions=6,
+                                                            subdir=influence_dir, longest_first=True))
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        held_out = evaluate(trainer.model, trainer.processing_class, problems(TEST_PROBLEMS, seed=TEST_SEED))
+    print(f"{variant} seed {seed}: {seconds:.0f} s, held-out accuracy {held_out['accuracy']:.1%}, "
+          f"full chains {held_out['stepwise_share']:.1%}, length {held_out['mean_length']:.1f}", flush=True)
+    history = [{k: v for k, v in entry.items() if k in KEPT_METRICS} for entry in trainer.state.log_history]
+    return {"variant": variant, "seed": seed, "log_history": history, "held_out": held_out,
+            "future_kl_by_position": by_position.means() if by_position else None, "train_seconds": seconds}
+
+
+def warm_start_one(seed: int, workdir: str, warm_start_steps: int) -> tuple[int, str, dict]:
+    import torch
+
+    torch.set_num_threads(1)
+    from reasoning_task import evaluate, prepare_model, problems
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed, warm_start_steps=warm_start_steps))
+    before = evaluate(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                      problems(TEST_PROBLEMS, seed=TEST_SEED))
+    return seed, path, before
+
+
+def curve_mean(history: list[dict], key: str) -> float:
+    """The mean of a logged metric over the run: the area under its curve, i.e. how fast it rose."""
+    values = [entry[key] for entry in history if key in entry]
+    return sum(values) / len(values)
+
+
+# (label, how to read it from a run, shown as a percentage?)
+MEASURES = [
+    ("held-out accuracy after RL (greedy)", lambda run: run["held_out"]["accuracy"], True),
+    ("held-out share of full chains", lambda run: run["held_out"]["stepwise_share"], True),
+    ("held-out response length (tokens)", lambda run: run["held_out"]["mean_length"], False),
+    ("training accuracy, mean over the run", lambda run: curve_mean(run["log_history"], "rewards/accuracy/mean"),
+     True),
+    ("share of full chains, mean over the run",
+     lambda run: curve_mean(run["log_history"], "rewards/stepwise_share/mean"), True),
+    ("response length, mean over the run", lambda run: curve_mean(run["log_history"], "completions/mean_length"),
+     False),
+]
+
+
+def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
+    from seed_statistics import SIGNIFICANCE_HEADER, mean_std, significance_row
+
+    variants = list(dict.fromkeys(run["variant"] for run in runs))
+    seeds = sorted({run["seed"] for run in runs})
+    lines = [f"Long-reasoning study: tiny Llama (2 layers, width 128) on the last digit of a sum of 3-8 digits, "
+             f"{args.max_steps} optimizer steps of 64 completions per run, seeds {', '.join(map(str, seeds))}; "
+             "mean ± std over seeds.", ""]
+    header = "| measure | " + " | ".join(variants) + " |"
+    lines += [header, "|---|" + "---|" * len(variants)]
+    for label, read, percent in MEASURES:
+        cells = []
+        for variant in variants:
+            values = [read(run) for run in runs if run["variant"] == variant]
+            cells.append(mean_std(values, percent=percent) if percent else
+                         f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    seconds = [f"{statistics.mean(run['train_seconds'] for run in runs if run['variant'] == v):.0f}" for v in variants]
+    lines.append("| train time per run (s) | " + " | ".join(seconds) + " |")
+    before_values = list(before.values())
+    lines += ["", "Warm-started models before RL (greedy, same 512 held-out problems): accuracy "
+              f"{mean_std([b['accuracy'] for b in before_values], percent=True)}, full chains "
+              f"{mean_std([b['stepwise_share'] for b in before_values], percent=True)}, length "
+              f"{statistics.mean(b['mean_length'] for b in before_values):.1f} tokens."]
+    for other in variants:
+        if other == "dapo" or "dapo" not in variants:
+            continue
+        lines += ["", f"{other} vs dapo, over {len(seeds)} seeds each (Welch's t-test; bootstrap over seeds):", "",
+                  SIGNIFICANCE_HEADER]
+        for label, read, percent in MEASURES:
+            a = [read(run) for run in runs if run["variant"] == other]
+            b = [read(run) for run in runs if run["variant"] == "dapo"]
+            lines.append(significance_row(label, a, b, percent=percent))
+    lines += ["", f"Wall time {wall / 60:.1f} min ({args.workers} runs in parallel on this machine)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_by_position(runs: list[dict], path: str) -> None:
+    """F and f against the position of the token in the response, mean ± std over seeds, per half of training."""
+    from fipo_trl.plots import require_matplotlib
+
+    Figure, FigureCanvasAgg = require_matplotlib()
+    figure = Figure(figsize=(10, 3.6), dpi=90, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    colors = {"first half": "tab:blue", "second half": "tab:orange"}
+    fipo_runs = [run for run in runs if run["future_kl_by_position"] and run["variant"] == "fipo"]
+    for axis, key, title in ((axes[0], "F", "Future-KL F by response position"),
+                             (axes[1], "f", "FIPO weight f by response position")):
+        for half, color in colors.items():
+            curves = [run["future_kl_by_position"][half][key] for run in fipo_runs]
+            positions = [p for p in range(MAX_COMPLETION_LENGTH) if all(c[p] is not None for c in curves)]
+            if not curves or not positions:
+                continue
+            mean = [statistics.mean(c[p] for c in curves) for p in positions]
+            std = [statistics.pstdev([c[p] for c in curves]) for p in positions]
+            axis.plot(positions, mean, color=color, label=f"{half} of training ({len(curves)} seeds)")
+            axis.fill_between(positions, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                              color=color, alpha=0.25, linewidth=0)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("token position in the response")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.savefig(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from seed_statistics import run_jobs
+
+    from fipo_trl.plots import plot_training_curves
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        warm = run_jobs(warm_start_one, [(seed, workdir, args.warm_start_steps) for seed in args.seeds], args.workers)
+        models = {seed: path for seed, path, _ in warm}
+        before = {seed: evaluation for seed, _, evaluation in warm}
+        # The first seed's FIPO run writes the token-influence page (to output_dir/influence/step-<max_steps>.html).
+        influence_dir = os.path.abspath(os.path.join(args.output_dir, "influence"))
+        jobs = [(variant, seed, models[seed], args.max_steps, args.logging_steps,
+                 influence_dir if (variant, seed) == ("fipo", args.seeds[0]) else None)
+                for seed in args.seeds for variant in args.variants]
+        runs = run_jobs(train_one, jobs, args.workers)
+    wall = time.perf_counter() - start
+    if args.reference:  # earlier runs (same seeds, warm starts and budget) join the report, e.g. the baselines
+        with open(args.reference) as f:
+            earlier = json.load(f)
+        runs = [run for run in earlier["runs"] if run["variant"] not in args.variants
+                and run["seed"] in args.seeds] + runs
+
+    variants = list(dict.fromkeys(run["variant"] for run in runs))
+    plot_training_curves({v: [r["log_history"] for r in runs if r["variant"] == v] for v in variants},
+                         os.path.join(args.output_dir, "curves.png"), panels=PANELS,
+                         title=f"tiny Llama, last digit of a sum of 3-8 digits: mean ± std over {len(args.seeds)} "
+                               "seeds")
+    if any(run["future_kl_by_position"] and run["variant"] == "fipo" for run in runs):
+        plot_by_position(runs, os.path.join(args.output_dir, "future_kl_by_position.png"))
+    table = report(runs, args, before, wall)
+    with open(os.path.join(args.output_dir, "study.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.output_dir, "study.json"), "w") as f:
+        json.dump({"args": vars(args), "wall_seconds": wall, "before_rl": before, "runs": runs}, f)
+    print("\n" + table)
+    print(f"Written: study.md, study.json, curves.png, future_kl_by_position.png in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

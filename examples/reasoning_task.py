@@ -1,0 +1,189 @@
+"""An offline task where the tiny model can reason longer or shorter, and longer reasoning pays off.
+
+Used by ``examples/long_reasoning_study.py`` (GRPO vs DAPO vs FIPO, several seeds). The problem is the last digit of
+a sum of 3-8 digits, each operand numbered in the prompt:
+
+    prompt:  "sum one 6 two 0 three 4 four 8 ?"
+    direct:  "the answer is 8 ."                                                   (5 tokens)
+    partial: "one 6 = 6 , two 0 = 6 , the answer is 8 ."                           (stops after k < n steps)
+    stepwise: "one 6 = 6 , two 0 = 6 , three 4 = 0 , four 8 = 8 , the answer is 8 ."  (5 tokens per operand)
+
+A step names the next operand's number word, copies its digit from the prompt (an induction-head lookup) and writes
+the running sum modulo 10; a full chain is 20-45 tokens, long enough for a Future-KL with a 32-token half-life to
+matter. The supervised warm start mixes the three kinds of answer, so the model starts out mostly answering
+directly, which is about chance (10 %), while its full chains are right far more often (about 35-40 % sampled, every
+step must be right). Reinforcement learning on a +1 / -1 correctness reward can therefore pay off by reasoning
+longer (more full chains) and by reasoning better (fewer wrong steps); the study measures both.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+
+NUMBER_WORDS = "one two three four five six seven eight nine ten".split()  # all in the tiny tokenizer's vocabulary
+ANSWER_PREFIX = "the answer is"
+MIN_OPERANDS, MAX_OPERANDS = 3, 8
+# Warm-start mixture of answer kinds: mostly direct, so that reasoning longer is something RL has to discover.
+WARM_START_MIX = {"direct": 0.5, "partial": 0.25, "stepwise": 0.25}
+_ANSWER = re.compile(r"the answer is (\d) \.$")
+_STEP = re.compile(r"(\w+) (\d) = (\d) ,")
+
+
+def draw_operands(rng: random.Random) -> list[int]:
+    return [rng.randint(0, 9) for _ in range(rng.randint(MIN_OPERANDS, MAX_OPERANDS))]
+
+
+def prompt_text(operands: list[int]) -> str:
+    return "sum " + " ".join(f"{NUMBER_WORDS[i]} {x}" for i, x in enumerate(operands)) + " ?"
+
+
+def answer_digit(operands: list[int]) -> str:
+    return str(sum(operands) % 10)
+
+
+def target_text(operands: list[int], steps: int) -> str:
+    """The first ``steps`` steps of the chain of partial sums, then the final answer (0 steps = a direct answer)."""
+    parts, total = [], 0
+    for i, x in enumerate(operands[:steps]):
+        total = (total + x) % 10
+        parts.append(f"{NUMBER_WORDS[i]} {x} = {total} ,")
+    return " ".join([*parts, f"{ANSWER_PREFIX} {answer_digit(operands)} ."])
+
+
+def problems(n: int, *, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [draw_operands(rng) for _ in range(n)]
+
+
+def task_dataset(n: int, *, seed: int):
+    """``n`` problems as a dataset with ``prompt``, ``answer`` and ``operands`` (the reward functions read them)."""
+    from datasets import Dataset
+
+    rows = problems(n, seed=seed)
+    return Dataset.from_dict({"prompt": [prompt_text(o) for o in rows], "answer": [answer_digit(o) for o in rows],
+                              "operands": rows})
+
+
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def parse_answer(completion) -> str | None:
+    """The digit D of a completion ending in "the answer is D .", else None (broken or cut off)."""
+    match = _ANSWER.search(_text(completion).strip())
+    return match.group(1) if match else None
+
+
+def reasoning_steps(completion) -> int:
+    """How many "<number word> <digit> = <digit> ," steps the completion writes before its answer."""
+    return len(_STEP.findall(_text(completion)))
+
+
+def is_stepwise(completion, operands: list[int]) -> bool:
+    """Whether the completion reasons through every operand (a full chain) before answering."""
+    return reasoning_steps(completion) >= len(operands)
+
+
+# Reward functions in TRL's signature. Only ``correctness_reward`` trains; the other two are logged by TRL at weight 0
+# (``rewards/accuracy/mean``, ``rewards/stepwise_share/mean``), which gives the curves for free.
+def correctness_reward(completions, answer, **kwargs) -> list[float]:
+    """DAPO's rule-based reward: +1 for a well-formed final answer with the right digit, -1 otherwise."""
+    return [1.0 if parse_answer(c) == a else -1.0 for c, a in zip(completions, answer)]
+
+
+def accuracy(completions, answer, **kwargs) -> list[float]:
+    return [float(parse_answer(c) == a) for c, a in zip(completions, answer)]
+
+
+def stepwise_share(completions, operands, **kwargs) -> list[float]:
+    return [float(is_stepwise(c, o)) for c, o in zip(completions, operands)]
+
+
+REWARD_FUNCS = [correctness_reward, accuracy, stepwise_share]
+REWARD_WEIGHTS = [1.0, 0.0, 0.0]
+
+
+def warm_start(base_model: str | Path, output_dir: str | Path, *, steps: int = 2000, batch_size: int = 32,
+               learning_rate: float = 3e-3, seed: int = 0) -> Path:
+    """Supervised steps on the mixture ``WARM_START_MIX`` (loss on the completion only, as TRL's SFT); save the
+    model and tokenizer to ``output_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    model.train()
+    rng = random.Random(seed)
+    kinds, weights = zip(*WARM_START_MIX.items())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    for _ in range(steps):
+        input_ids, labels = [], []
+        for _ in range(batch_size):
+            operands = draw_operands(rng)
+            kind = rng.choices(kinds, weights)[0]
+            if kind == "partial":
+                steps_taken = rng.randint(1, len(operands) - 1)
+            else:
+                steps_taken = 0 if kind == "direct" else len(operands)
+            prompt_ids = tokenizer(prompt_text(operands))["input_ids"]
+            target_ids = tokenizer(target_text(operands, steps_taken))["input_ids"] + [tokenizer.eos_token_id]
+            input_ids.append(prompt_ids + target_ids)
+            labels.append([-100] * len(prompt_ids) + target_ids)
+        width = max(len(ids) for ids in input_ids)
+        pad = tokenizer.pad_token_id
+        batch_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in input_ids])  # left padding, as TRL
+        batch_labels = torch.tensor([[-100] * (width - len(ids)) + ids for ids in labels])
+        attention_mask = (torch.arange(width)[None] >= torch.tensor([width - len(ids) for ids in input_ids])[:, None])
+        loss = model(input_ids=batch_ids, attention_mask=attention_mask.long(), labels=batch_labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def prepare_model(workdir: str | Path, *, seed: int, warm_start_steps: int = 2000, hidden_size: int = 128) -> Path:
+    """Build the tiny Llama (2 layers, width 128: width 64 copies the digits but never learns the sums) and
+    warm-start it; return the warm-started path."""
+    from fipo_trl._tiny import build_tiny_model
+
+    workdir = Path(workdir)
+    base = build_tiny_model(workdir / "base-model", seed=seed, hidden_size=hidden_size)
+    return warm_start(base, workdir / "warm-start", steps=warm_start_steps, seed=seed)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, operand_lists: list[list[int]], *, max_new_tokens: int = 64,
+             batch_size: int = 256) -> dict[str, float]:
+    """Greedy decoding on held-out problems: accuracy, share of full chains, accuracy of full chains and of the
+    rest, and mean completion length in tokens."""
+    was_training = model.training
+    model.eval()
+    texts = []
+    for start in range(0, len(operand_lists), batch_size):
+        chunk = operand_lists[start:start + batch_size]
+        batch = tokenizer([prompt_text(o) for o in chunk], return_tensors="pt", padding=True).to(model.device)
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    correct = [parse_answer(t) == answer_digit(o) for t, o in zip(texts, operand_lists)]
+    chains = [is_stepwise(t, o) for t, o in zip(texts, operand_lists)]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+
+    def rate(values: list[bool]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    return {
+        "accuracy": rate(correct),
+        "stepwise_share": rate(chains),
+        "accuracy_stepwise": rate([c for c, s in zip(correct, chains) if s]),
+        "accuracy_other": rate([c for c, s in zip(correct, chains) if not s]),
+        "mean_length": sum(lengths) / len(lengths),
+        "example": texts[0],
+    }

@@ -1,0 +1,63 @@
+"""What the multi-seed comparisons share: running jobs in parallel worker processes and comparing two arms over seeds.
+
+Used by ``compare_fipo_dapo.py`` and ``long_reasoning_study.py``. The tests: Welch's t-test (unequal variances, over
+seeds) and a percentile bootstrap CI of the difference in means; with one value per seed and arm, n = the number of
+seeds, so five seeds detect only large effects, which the reports say.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import multiprocessing
+import random
+import statistics
+
+
+def run_jobs(function, jobs: list[tuple], workers: int) -> list:
+    """``[function(*job) for job in jobs]``, in ``workers`` spawned processes when ``workers`` > 1, in job order."""
+    if workers <= 1:
+        return [function(*job) for job in jobs]
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and state
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(function, *zip(*jobs)))
+
+
+def mean_std(values: list[float], percent: bool = False) -> str:
+    """Mean ± sample standard deviation over seeds."""
+    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1%} ± {std:.1%}" if percent else f"{mean:+.3f} ± {std:.3f}"
+
+
+def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(t, two-sided p) of Welch's t-test for mean(a) != mean(b); (nan, nan) with fewer than 2 values or no spread."""
+    if len(a) < 2 or len(b) < 2 or statistics.variance(a) + statistics.variance(b) == 0:
+        return float("nan"), float("nan")
+    from scipy import stats
+
+    result = stats.ttest_ind(a, b, equal_var=False)
+    return float(result.statistic), float(result.pvalue)
+
+
+def bootstrap_ci(a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 10_000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(a) - mean(b), resampling the seeds of each arm independently."""
+    rng = random.Random(seed)
+    differences = sorted(statistics.mean(rng.choices(a, k=len(a))) - statistics.mean(rng.choices(b, k=len(b)))
+                         for _ in range(resamples))
+    tail = (1 - level) / 2
+    return differences[int(tail * resamples)], differences[min(resamples - 1, math.ceil((1 - tail) * resamples) - 1)]
+
+
+def significance_row(label: str, a: list[float], b: list[float], *, percent: bool = False) -> str:
+    """A markdown table row: the difference in means, its 95 % bootstrap CI, Welch's t and p, and the verdict."""
+    difference = statistics.mean(a) - statistics.mean(b)
+    low, high = bootstrap_ci(a, b)
+    t, p = welch_t_test(a, b)
+    show = (lambda v: f"{100 * v:+.1f} pt") if percent else (lambda v: f"{v:+.3f}")
+    verdict = "yes" if p < 0.05 else "no" if p == p else "n/a"  # p == p: not nan
+    return f"| {label} | {show(difference)} | [{show(low)}, {show(high)}] | {t:.2f} | {p:.3f} | {verdict} |"
+
+
+SIGNIFICANCE_HEADER = ("| quantity | difference of means | 95 % bootstrap CI | Welch t | p (two-sided) "
+                       "| significant at 5 %? |\n|---|---|---|---|---|---|")

@@ -1,0 +1,112 @@
+"""The long-reasoning study: its task, its statistics and a --quick run of the whole pipeline."""
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples"))  # the study's modules live beside its script
+
+import reasoning_task as task  # noqa: E402
+import seed_statistics  # noqa: E402
+
+
+def test_chains_answers_and_rewards():
+    operands = [6, 0, 4, 8]
+    assert task.prompt_text(operands) == "sum one 6 two 0 three 4 four 8 ?"
+    assert task.answer_digit(operands) == "8"
+    chain = task.target_text(operands, 4)
+    assert chain == "one 6 = 6 , two 0 = 6 , three 4 = 0 , four 8 = 8 , the answer is 8 ."
+    assert task.target_text(operands, 0) == "the answer is 8 ."
+    assert task.reasoning_steps(chain) == 4 and task.is_stepwise(chain, operands)
+    partial = task.target_text(operands, 2)
+    assert task.reasoning_steps(partial) == 2 and not task.is_stepwise(partial, operands)
+    assert task.parse_answer(chain) == "8" and task.parse_answer(chain[:-2]) is None  # cut off: no answer
+    completions, answers = [chain, "the answer is 3 .", partial], ["8", "8", "8"]
+    assert task.correctness_reward(completions, answers) == [1.0, -1.0, 1.0]
+    assert task.accuracy(completions, answers) == [1.0, 0.0, 1.0]
+    assert task.stepwise_share(completions, [operands] * 3) == [1.0, 0.0, 0.0]
+    # every target the warm start can produce parses back to the right answer
+    rng = random.Random(0)
+    for _ in range(200):
+        ops = task.draw_operands(rng)
+        assert task.MIN_OPERANDS <= len(ops) <= task.MAX_OPERANDS
+        for steps in range(len(ops) + 1):
+            assert task.parse_answer(task.target_text(ops, steps)) == task.answer_digit(ops)
+
+
+def test_welch_t_test_matches_the_textbook_formula():
+    from scipy import stats
+
+    a, b = [0.61, 0.55, 0.70, 0.58, 0.66], [0.52, 0.49, 0.60, 0.47]
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    got_t, got_p = seed_statistics.welch_t_test(a, b)
+    assert got_t == pytest.approx(t, rel=1e-12)
+    assert got_p == pytest.approx(2 * stats.t.sf(abs(t), dof), rel=1e-9)
+    assert all(math.isnan(v) for v in seed_statistics.welch_t_test([1.0, 1.0], [1.0, 1.0]))  # no spread: undefined
+
+
+def test_bootstrap_ci_covers_the_difference_and_shrinks_with_separation():
+    a, b = [0.61, 0.55, 0.70, 0.58, 0.66], [0.52, 0.49, 0.60, 0.47, 0.55]
+    low, high = seed_statistics.bootstrap_ci(a, b)
+    assert low < statistics.mean(a) - statistics.mean(b) < high
+    assert low > 0  # these arms are separated by more than their spread
+    low, high = seed_statistics.bootstrap_ci([0.5, 0.6, 0.4], [0.6, 0.4, 0.5])
+    assert low < 0 < high  # same values: the interval straddles 0
+    assert seed_statistics.bootstrap_ci([1.0, 1.0], [0.25, 0.25]) == (0.75, 0.75)
+    row = seed_statistics.significance_row("accuracy", a, b, percent=True)
+    assert row.startswith("| accuracy | +9.4 pt | [+") and row.endswith("| yes |")
+
+
+def test_future_kl_by_position_averages_each_position_per_half():
+    study = pytest.importorskip("long_reasoning_study")
+    trainer = types.SimpleNamespace(fipo_last_batch=None)
+    by_position = study.FutureKLByPosition(trainer, max_steps=4, length=3)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    for step, scale in ((1, 1.0), (2, 3.0), (3, 10.0)):
+        future_kl = scale * torch.tensor([[1.0, 2.0, 99.0], [3.0, 99.0, 99.0]])  # 99: padding
+        trainer.fipo_last_batch = {"mask": mask, "future_kl": future_kl, "weights": torch.full((2, 3), scale)}
+        by_position.callback.on_step_end(None, types.SimpleNamespace(global_step=step), None)
+    means = by_position.means()
+    first, second = means["first half"], means["second half"]
+    assert first["F"] == [4.0, 4.0, None]  # steps 1-2 (scales 1 and 3): (1 + 3 + 3 + 9) / 4 and (2 + 6) / 2
+    assert first["f"] == [2.0, 2.0, None] and first["tokens"] == [4.0, 2.0, 0.0]
+    assert second["F"] == [20.0, 20.0, None] and second["tokens"] == [2.0, 1.0, 0.0]  # padding never counted
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_the_whole_pipeline(tmp_path):
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    from fipo_trl.influence import read_influence_html
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "long_reasoning_study.py"), "--quick",
+                             "--output_dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("curves.png", "future_kl_by_position.png"):
+        image = matplotlib_image.imread(tmp_path / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+    table = (tmp_path / "study.md").read_text()
+    assert "| measure | grpo | dapo | fipo |" in table and "fipo vs dapo" in table and "Welch t" in table
+    data = json.loads((tmp_path / "study.json").read_text())
+    assert sorted((run["variant"], run["seed"]) for run in data["runs"]) == sorted(
+        (variant, seed) for variant in ("grpo", "dapo", "fipo") for seed in (0, 1))
+    for run in data["runs"]:
+        assert 0 <= run["held_out"]["accuracy"] <= 1 and run["log_history"]
+        assert (run["future_kl_by_position"] is not None) == (run["variant"] == "fipo")
+    pages = list((tmp_path / "influence").glob("step-*.html"))
+    assert len(pages) == 1  # the first seed's FIPO run, at its last update
+    page = pages[0].read_text()
+    assert read_influence_html(page) and "prompt</span>sum one" in page and "reference <b>" in page
+    assert "reward " in page and 'class="swatch"' in page
