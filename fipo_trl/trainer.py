@@ -241,6 +241,7 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             self.fipo_backend = out.backend
             logger.info(f"FIPO weights are computed by the {out.backend} path on {logps.device}.")
         self.fipo_last_batch = {
+            "prompt_ids": dict.__getitem__(batch, "prompt_ids"), "prompt_mask": dict.__getitem__(batch, "prompt_mask"),
             "completion_ids": dict.__getitem__(batch, "completion_ids").detach(), "mask": mask,
             "advantages": advantages.detach(), "weights": out.weights, "future_kl": out.future_kl, "keep": out.keep,
         }

@@ -1,11 +1,14 @@
 """The token-influence view reads the trainer's own weights and shades one span per completion token."""
 
+import re
+
+import pytest
 import torch
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
 from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
-from fipo_trl.influence import TokenInfluenceCallback, read_influence_html
+from fipo_trl.influence import TokenInfluenceCallback, batch_context, read_influence_html, references_by_prompt
 
 
 def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):
@@ -14,11 +17,13 @@ def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):
                       report_to="none", save_strategy="no", gradient_checkpointing=False, disable_tqdm=True)
     trainer = FIPOTrainer(model=tiny_model_path, reward_funcs=digit_reward, args=args,
                           train_dataset=tiny_prompt_dataset(16))
-    seen = {}
+    seen, contexts = {}, {}
+    references = references_by_prompt(trainer.train_dataset, None)
 
     class Snapshot(TokenInfluenceCallback):
         def on_step_end(self, args, state, control, **kwargs):
             seen[state.global_step] = {k: v.clone() for k, v in self.trainer.fipo_last_batch.items()}
+            contexts[state.global_step] = batch_context(self.trainer, self.trainer.fipo_last_batch, references)
             super().on_step_end(args, state, control, **kwargs)
 
     view = Snapshot(trainer, every_n_steps=2)
@@ -36,6 +41,22 @@ def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):
         assert len(spans) == int(mask.sum())  # one span per completion token
         assert [s[0] for s in spans] == batch["weights"][row][mask].tolist()  # the trainer's weights, exactly
         assert [s[1] for s in spans] == batch["future_kl"][row][mask].tolist()
+    # Each completion comes with its prompt, its reward and the dataset's reference answer, all recomputed here.
+    answers = dict(zip(trainer.train_dataset["prompt"], trainer.train_dataset["answer"]))
+    tokenizer = trainer.processing_class
+    for row, context in enumerate(contexts[4]):
+        completion = tokenizer.decode(batch["completion_ids"][row][batch["mask"][row]], skip_special_tokens=True)
+        prompt = tokenizer.decode(batch["prompt_ids"][row][batch["prompt_mask"][row].bool()], skip_special_tokens=True)
+        assert context["prompt"] == prompt and prompt in answers
+        assert context["reference"] == answers[prompt]
+        # TRL keeps rewards as float32: equal to the float64 reward up to one float32 rounding
+        assert context["reward"] == pytest.approx(digit_reward([completion], [answers[prompt]])[0], rel=1e-6)
+        assert f"reference <b>{answers[prompt]}</b>" in page and f'prompt</span>{prompt}</div>' in page
+        assert f"reward {context['reward']:+.3g}" in page
+    # The colour scale: f in [1, 1.2] here (the default one-sided clip), so five swatches from 1 to the cap
+    swatches = re.findall(r'<span class="swatch" style="background:([^"]+)">([0-9.]+)</span>', page)
+    assert [label for _, label in swatches] == ["1.00", "1.05", "1.10", "1.15", "1.20"]
+    assert swatches[0][0] == "rgba(0, 0, 0, 0)" and swatches[-1][0] == "rgba(255, 140, 0, 0.850)"
     shaded = [s for spans in rows for s in spans if s[0] > 1]
     assert shaded and all("rgba(255, 140, 0" in s[2] for s in shaded)
     assert all(s[2].endswith("0)") for spans in rows for s in spans if s[0] == 1)
