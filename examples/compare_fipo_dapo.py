@@ -1,6 +1,6 @@
 """FIPO vs DAPO on the demo's arithmetic task: same warm-started models, seeds, data, reward and budget.
 
-    python examples/compare_fipo_dapo.py --output_dir examples/results     # 3 seeds x 2 methods, ~7-10 min on 2 cores
+    python examples/compare_fipo_dapo.py --output_dir examples/results     # 5 seeds x 2 methods, ~15 min on 2 cores
     python examples/compare_fipo_dapo.py --quick --output_dir /tmp/cmp     # seconds: a smoke run of the pipeline
 
 FIPO is FIPOTrainer(FIPOConfig); DAPO is TRL's GRPOTrainer(GRPOConfig) with the same loss settings (loss_type bnpo,
@@ -9,16 +9,15 @@ updates per generation batch: the only difference is FIPO's Future-KL weight on 
 methods start from the same warm-started tiny model (examples/arithmetic_demo.py).
 
 Writes fipo_vs_dapo.png (reward, completion length and FIPO weight statistics vs step, mean +- std over seeds),
-fipo_vs_dapo.md (final reward and greedy accuracy, mean +- std over seeds) and fipo_vs_dapo.json (every number).
-Needs matplotlib: pip install 'fipo_trl[demo]'.
+fipo_vs_dapo.md (final reward and greedy accuracy, mean +- std over seeds, and FIPO - DAPO with Welch's t-test and a
+bootstrap CI over seeds) and fipo_vs_dapo.json (every number); --report_only rewrites the table from that JSON.
+Needs matplotlib and scipy: pip install 'fipo_trl[demo]'.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import statistics
 import tempfile
@@ -37,12 +36,14 @@ KEPT_FIPO_METRICS = ("fipo/influence_weights_mean", "fipo/influence_weights_max"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/compare-fipo-dapo")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max_steps", type=int, default=2400)
     parser.add_argument("--logging_steps", type=int, default=32, help="a multiple of 8: whole generation batches")
     parser.add_argument("--warm_start_steps", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2,
                         help="runs in parallel, one torch thread each (1 runs everything in this process)")
+    parser.add_argument("--report_only", metavar="JSON",
+                        help="rewrite fipo_vs_dapo.md from an earlier run's fipo_vs_dapo.json, without training")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 seeds, 16 steps, 20 warm-start steps, in this process")
     args = parser.parse_args(argv)
@@ -73,14 +74,9 @@ def train_one(method: str, seed: int, model_path: str, max_steps: int, logging_s
             "train_seconds": seconds}
 
 
-def mean_std(values: list[float], percent: bool = False) -> str:
-    """Mean ± sample standard deviation over seeds."""
-    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1%} ± {std:.1%}" if percent else f"{mean:+.3f} ± {std:.3f}"
-
-
 def summary_table(runs: list[dict], args, start_accuracy: dict[int, float]) -> str:
     from arithmetic_demo import final_reward
+    from seed_statistics import SIGNIFICANCE_HEADER, mean_std, significance_row
 
     lines = [
         f"FIPO vs DAPO, tiny Llama on single-digit arithmetic, {args.max_steps} optimizer steps "
@@ -99,16 +95,34 @@ def summary_table(runs: list[dict], args, start_accuracy: dict[int, float]) -> s
     before = list(start_accuracy.values())
     lines += ["", f"Greedy accuracy of the warm-started models before RL: {mean_std(before, percent=True)}. "
               "Reward is +1 for a correct \"the answer is D .\", -1 otherwise, sampled at temperature 1 "
-              "(0 = half right)."]
+              "(0 = half right).", "", f"FIPO - DAPO over {len(args.seeds)} seeds each:", "", SIGNIFICANCE_HEADER]
+    by_method = {m: [run for run in runs if run["method"] == m] for m in METHODS}
+    lines.append(significance_row("final reward", *([final_reward(r["log_history"]) for r in by_method[m]]
+                                                    for m in METHODS)))
+    lines.append(significance_row("greedy accuracy after", *([r["greedy_accuracy"] for r in by_method[m]]
+                                                             for m in METHODS), percent=True))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report_only:
+        with open(args.report_only) as f:
+            data = json.load(f)
+        args.seeds, args.max_steps = data["args"]["seeds"], data["args"]["max_steps"]
+        starts = {int(seed): value for seed, value in data["start_greedy_accuracy"].items()}
+        table = summary_table(data["runs"], args, starts)
+        table += (f"\nTotal wall time {data['wall_seconds'] / 60:.1f} min ({data['args']['workers']} runs in "
+                  "parallel).\n")
+        with open(os.path.join(args.output_dir, "fipo_vs_dapo.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return
     import torch
 
     torch.set_num_threads(1)
     from arithmetic_demo import greedy_accuracy, prepare_model
+    from seed_statistics import run_jobs
 
     from fipo_trl.plots import plot_training_curves
 
@@ -126,12 +140,7 @@ def main(argv=None):
                                                    AutoTokenizer.from_pretrained(models[seed]))
         jobs = [(method, seed, models[seed], args.max_steps, args.logging_steps)
                 for seed in args.seeds for method in METHODS]
-        if args.workers > 1:
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-                runs = list(pool.map(train_one, *zip(*jobs)))
-        else:
-            runs = [train_one(*job) for job in jobs]
+        runs = run_jobs(train_one, jobs, args.workers)
     wall = time.perf_counter() - start
 
     png = os.path.join(args.output_dir, "fipo_vs_dapo.png")

@@ -79,13 +79,19 @@ def parse_answer(completion) -> str | None:
 
 
 def reasoning_steps(completion) -> int:
-    """How many "<number word> <digit> = <digit> ," steps the completion writes before its answer."""
-    return len(_STEP.findall(_text(completion)))
+    """How many well-formed steps open the completion: "one <d> = <d> ,", then "two <d> = <d> ," and so on (the
+    number words in order; the digits may be wrong, which costs accuracy, not length)."""
+    text, steps, expected_start = _text(completion).strip(), 0, 0
+    for match in _STEP.finditer(text):  # each step must start right after the previous one and its space
+        if match.start() != expected_start or steps >= len(NUMBER_WORDS) or match.group(1) != NUMBER_WORDS[steps]:
+            break
+        steps, expected_start = steps + 1, match.end() + 1
+    return steps
 
 
 def is_stepwise(completion, operands: list[int]) -> bool:
-    """Whether the completion reasons through every operand (a full chain) before answering."""
-    return reasoning_steps(completion) >= len(operands)
+    """Whether the completion reasons through every operand (a full chain) before its final answer."""
+    return reasoning_steps(completion) >= len(operands) and parse_answer(completion) is not None
 
 
 # Reward functions in TRL's signature. Only ``correctness_reward`` trains; the other two are logged by TRL at weight 0

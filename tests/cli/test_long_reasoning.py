@@ -31,6 +31,10 @@ def test_chains_answers_and_rewards():
     partial = task.target_text(operands, 2)
     assert task.reasoning_steps(partial) == 2 and not task.is_stepwise(partial, operands)
     assert task.parse_answer(chain) == "8" and task.parse_answer(chain[:-2]) is None  # cut off: no answer
+    # steps count only from the start, in order, one after the other
+    assert task.reasoning_steps("the = 2 , two 2 = 2 , three 2 = 2 , the answer is 2 .") == 0
+    assert task.reasoning_steps("one 6 = 6 , three 0 = 6 , the answer is 6 .") == 1
+    assert not task.is_stepwise(chain[:-2], operands)  # a full chain without its final answer is not one
     completions, answers = [chain, "the answer is 3 .", partial], ["8", "8", "8"]
     assert task.correctness_reward(completions, answers) == [1.0, -1.0, 1.0]
     assert task.accuracy(completions, answers) == [1.0, 0.0, 1.0]
