@@ -32,7 +32,9 @@ from fipo_trl import fipo_loss
 from fipo_trl.kernels import cpu_kernel_usable, official_fipo_loss, triton_usable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' memory probe, shared
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_report's bytes-per-token count, shared
 from allocation_probe import AllocationProbe  # noqa: E402
+from gpu_report import backward_bytes_per_token, bytes_per_token, single_pass_bytes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -115,12 +117,9 @@ def device_name(device):
 
 
 def bytes_per_token_estimate():
-    """Bytes the fused GPU kernels move per token (fp32 inputs, (B,) advantages; bf16 inputs halve the logps)."""
-    weight_kernel = {"logps": 4, "old_logps": 4, "mask": 1, "weights (write)": 4, "A*f (write)": 4,
-                     "future_kl (write)": 4}
-    loss_forward = dict(weight_kernel, **{"unscaled grad (write)": 4})
-    backward = {"unscaled grad (read)": 4, "grad logps (write)": 4}
-    return weight_kernel, loss_forward, backward
+    """Bytes the fused GPU kernels move per token, fp32 inputs, (B,) advantages (counted in benchmarks/gpu_report.py):
+    the weights-only call's items, the loss forward's total (the unscaled gradient written too) and the backward's."""
+    return bytes_per_token(4), single_pass_bytes(4, with_grad=True), sum(backward_bytes_per_token(4).values())
 
 
 def main():
@@ -187,7 +186,7 @@ def main():
     lines += ["", "GPU bytes moved per token by the fused kernels (estimate, fp32 inputs, (B,) advantages; bf16 "
               "log-probs save 4 B): weight kernel "
               f"{sum(weight_kernel.values())} B ({', '.join(f'{k} {v}' for k, v in weight_kernel.items())}); "
-              f"loss forward {sum(loss_forward.values())} B; backward {sum(backward.values())} B. "
+              f"loss forward {loss_forward} B; backward {backward} B. "
               f"At B*T = 1M tokens the weight kernel moves ~{sum(weight_kernel.values())} MB: "
               f"~{sum(weight_kernel.values()) / 4.8:.1f} us at 4.8 TB/s (H200 HBM), "
               f"~{sum(weight_kernel.values()) / 3.35:.1f} us at 3.35 TB/s (H100 SXM)."]

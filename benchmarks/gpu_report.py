@@ -2,6 +2,9 @@
 
     python benchmarks/gpu_report.py [--out benchmarks/results] [--budget_s 450]
 
+On the device tool (no network there): scripts/prepare_device_wheels.sh here, then scripts/gpu_report_on_device.sh
+there in one call (benchmarks/README.md).
+
 Writes <out>/gpu_<device>.md (and .json, the raw numbers), rewritten after each section, so a run cut short keeps
 what it measured. Sections, each with its own time budget (capped by what is left of --budget_s) and its own
 try/except (an error is written into the report and the next section runs):
@@ -118,6 +121,12 @@ def bytes_per_token(input_bytes: int, *, with_grad: bool = False, per_token_adva
 def single_pass_bytes(input_bytes: int, **options) -> float:
     """The least a call must move per token: every input read once, every output written once."""
     return sum(bytes_per_token(input_bytes, **options).values())
+
+
+def backward_bytes_per_token(input_bytes: int) -> dict[str, float]:
+    """Bytes the loss's backward moves per token: it reads the stored unscaled gradient (fp32) and writes the
+    gradient of the log-probs in their dtype (kernels/common.py ``LossWithStoredGradient``)."""
+    return {"unscaled gradient (read)": 4, "gradient of logps (write)": input_bytes}
 
 
 # The performance model of docs/gpu.md ("Bandwidth estimate"). Assumed, not measured (no GPU was available when it

@@ -10,8 +10,8 @@
  * the row-stats buffer, in the column order of kernels/common.py ROW_STATS; Python reduces the rows
  * (common.reduce_row_stats) and forms the loss from the rows' loss sums.
  *
- * Semantics: docs/algorithm.md §1, the same operation order as fipo_triton._fipo_row_kernel (the tests check both
- * against the float64 reference, kernels/naive.py).
+ * Semantics: docs/algorithm.md §1, the same operation order as fipo_triton._fipo_kernel in its row variant (the tests
+ * check both against the float64 reference, kernels/naive.py).
  */
 #include <math.h>
 #include <stdint.h>
