@@ -16,7 +16,7 @@ number of optimizer updates of the same size on the same number of sampled compl
 
 Variants for the ablation change one knob of an arm (``VARIANTS``). Per seed the script warm-starts one model
 (seed = warm-start seed = RL seed), runs every arm from it in parallel worker processes, evaluates each final model
-greedily on 512 held-out problems, and writes to --output_dir:
+on 512 held-out problems x 4 samples at T = 1 (avg@4, a fixed sampling seed), and writes to --output_dir:
 
 - study.md: the table, the significance tests and the wall time; study.json: every number and curve;
 - curves.png: accuracy, length, share of full chains and FIPO's weight, mean ± std over seeds;
@@ -83,13 +83,14 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max_steps", type=int, default=240, help="optimizer steps per run (a multiple of 16)")
     parser.add_argument("--logging_steps", type=int, default=8, help="a multiple of 8: whole generation batches")
-    parser.add_argument("--warm_start_steps", type=int, default=2000)
+    parser.add_argument("--max_warm_start_steps", type=int, default=4000,
+                        help="the warm start stops earlier once full chains are right half the time on dev problems")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     parser.add_argument("--reference", help="study.json of an earlier run whose runs join this report (ablation)")
     parser.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in seconds")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.max_steps, args.logging_steps, args.warm_start_steps, args.workers = [0, 1], 8, 8, 20, 1
+        args.seeds, args.max_steps, args.logging_steps, args.max_warm_start_steps, args.workers = [0, 1], 8, 8, 20, 1
         args.variants = [v for v in args.variants if VARIANTS[v][1].get("steps_per_generation", 8) <= 8]
     if any(VARIANTS[v][1].get("steps_per_generation", UPDATES_PER_GENERATION) > args.max_steps for v in args.variants):
         parser.error("--max_steps must cover one generation batch of every variant")
@@ -191,17 +192,19 @@ def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_
             "future_kl_by_position": by_position.means() if by_position else None, "train_seconds": seconds}
 
 
-def warm_start_one(seed: int, workdir: str, warm_start_steps: int) -> tuple[int, str, dict]:
+def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int) -> tuple[int, str, dict]:
     import torch
 
     torch.set_num_threads(1)
     from reasoning_task import evaluate, prepare_model, problems
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed, warm_start_steps=warm_start_steps))
+    path, steps = prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed,
+                                max_warm_start_steps=max_warm_start_steps)
     before = evaluate(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                       problems(TEST_PROBLEMS, seed=TEST_SEED))
-    return seed, path, before
+    print(f"warm start seed {seed}: {steps} supervised steps; held-out {before}", flush=True)
+    return seed, str(path), {**before, "warm_start_steps": steps}
 
 
 def curve_mean(history: list[dict], key: str) -> float:
@@ -212,7 +215,8 @@ def curve_mean(history: list[dict], key: str) -> float:
 
 # (label, how to read it from a run, shown as a percentage?)
 MEASURES = [
-    ("held-out accuracy after RL (greedy)", lambda run: run["held_out"]["accuracy"], True),
+    ("held-out accuracy after RL (avg@4)", lambda run: run["held_out"]["accuracy"], True),
+    ("held-out accuracy of full chains", lambda run: run["held_out"]["accuracy_stepwise"], True),
     ("held-out share of full chains", lambda run: run["held_out"]["stepwise_share"], True),
     ("held-out response length (tokens)", lambda run: run["held_out"]["mean_length"], False),
     ("training accuracy, mean over the run", lambda run: curve_mean(run["log_history"], "rewards/accuracy/mean"),
@@ -240,14 +244,18 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
             values = [read(run) for run in runs if run["variant"] == variant]
             cells.append(mean_std(values, percent=percent) if percent else
                          f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}")
+            # (lengths are always defined; accuracies of full chains are not in a run that wrote none)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     seconds = [f"{statistics.mean(run['train_seconds'] for run in runs if run['variant'] == v):.0f}" for v in variants]
     lines.append("| train time per run (s) | " + " | ".join(seconds) + " |")
     before_values = list(before.values())
-    lines += ["", "Warm-started models before RL (greedy, same 512 held-out problems): accuracy "
+    lines += ["", "Warm-started models before RL (same 512 held-out problems x 4 samples): accuracy "
               f"{mean_std([b['accuracy'] for b in before_values], percent=True)}, full chains "
-              f"{mean_std([b['stepwise_share'] for b in before_values], percent=True)}, length "
-              f"{statistics.mean(b['mean_length'] for b in before_values):.1f} tokens."]
+              f"{mean_std([b['stepwise_share'] for b in before_values], percent=True)} of answers, right "
+              f"{mean_std([b['accuracy_stepwise'] for b in before_values], percent=True)} of the time, other answers "
+              f"right {mean_std([b['accuracy_other'] for b in before_values], percent=True)}, length "
+              f"{statistics.mean(b['mean_length'] for b in before_values):.1f} tokens; supervised warm-start steps "
+              f"{', '.join(str(b['warm_start_steps']) for b in before_values)}."]
     for other in variants:
         if other == "dapo" or "dapo" not in variants:
             continue
@@ -302,7 +310,8 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        warm = run_jobs(warm_start_one, [(seed, workdir, args.warm_start_steps) for seed in args.seeds], args.workers)
+        warm = run_jobs(warm_start_one, [(seed, workdir, args.max_warm_start_steps) for seed in args.seeds],
+                        args.workers)
         models = {seed: path for seed, path, _ in warm}
         before = {seed: evaluation for seed, _, evaluation in warm}
         # The first seed's FIPO run writes the token-influence page (to output_dir/influence/step-<max_steps>.html).

@@ -28,7 +28,8 @@ NUMBER_WORDS = "one two three four five six seven eight nine ten".split()  # all
 ANSWER_PREFIX = "the answer is"
 MIN_OPERANDS, MAX_OPERANDS = 3, 8
 # Warm-start mixture of answer kinds: mostly direct, so that reasoning longer is something RL has to discover.
-WARM_START_MIX = {"direct": 0.5, "partial": 0.25, "stepwise": 0.25}
+WARM_START_MIX = {"direct": 0.4, "partial": 0.2, "stepwise": 0.4}
+DEV_SEED = 20_000  # problems for the warm start's competence check; the held-out test set uses another seed
 _ANSWER = re.compile(r"the answer is (\d) \.$")
 _STEP = re.compile(r"(\w+) (\d) = (\d) ,")
 
@@ -113,10 +114,19 @@ REWARD_FUNCS = [correctness_reward, accuracy, stepwise_share]
 REWARD_WEIGHTS = [1.0, 0.0, 0.0]
 
 
-def warm_start(base_model: str | Path, output_dir: str | Path, *, steps: int = 2000, batch_size: int = 32,
-               learning_rate: float = 3e-3, seed: int = 0) -> Path:
-    """Supervised steps on the mixture ``WARM_START_MIX`` (loss on the completion only, as TRL's SFT); save the
-    model and tokenizer to ``output_dir``."""
+def warm_start(base_model: str | Path, output_dir: str | Path, *, max_steps: int = 4000, batch_size: int = 32,
+               learning_rate: float = 1e-3, seed: int = 0, target_chain_accuracy: float = 0.5,
+               check_every: int = 250) -> tuple[Path, int]:
+    """Supervised steps on the mixture ``WARM_START_MIX`` (loss on the completion only, as TRL's SFT) until the
+    model's full chains are right ``target_chain_accuracy`` of the time on 128 dev problems (sampled, disjoint from
+    the held-out set), checked every ``check_every`` steps, or ``max_steps``; save the model and tokenizer to
+    ``output_dir`` and return it with the steps taken.
+
+    Why a competence target rather than a fixed step count: the chain needs an induction-head lookup, which a
+    2-layer model picks up abruptly, after 500 to 1,500+ steps depending on the seed. A fixed count leaves some
+    seeds with no skill to reinforce and others with nothing left to learn; the target starts every seed where
+    reasoning longer pays off (chains right about half the time, direct answers at chance) but is not yet perfect.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
@@ -125,7 +135,9 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, steps: int = 2
     rng = random.Random(seed)
     kinds, weights = zip(*WARM_START_MIX.items())
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    for _ in range(steps):
+    dev_problems = problems(128, seed=DEV_SEED)
+    step = 0
+    while step < max_steps:
         input_ids, labels = [], []
         for _ in range(batch_size):
             operands = draw_operands(rng)
@@ -147,39 +159,51 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, steps: int = 2
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        step += 1
+        if step % check_every == 0:
+            dev = evaluate(model, tokenizer, dev_problems, samples=2, seed=seed)
+            if dev["accuracy_stepwise"] >= target_chain_accuracy:  # NaN (no chains yet) compares False
+                break
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    return output_dir
+    return output_dir, step
 
 
-def prepare_model(workdir: str | Path, *, seed: int, warm_start_steps: int = 2000, hidden_size: int = 128) -> Path:
+def prepare_model(workdir: str | Path, *, seed: int, max_warm_start_steps: int = 4000,
+                  hidden_size: int = 128) -> tuple[Path, int]:
     """Build the tiny Llama (2 layers, width 128: width 64 copies the digits but never learns the sums) and
-    warm-start it; return the warm-started path."""
+    warm-start it; return the warm-started path and the supervised steps taken."""
     from fipo_trl._tiny import build_tiny_model
 
     workdir = Path(workdir)
     base = build_tiny_model(workdir / "base-model", seed=seed, hidden_size=hidden_size)
-    return warm_start(base, workdir / "warm-start", steps=warm_start_steps, seed=seed)
+    return warm_start(base, workdir / "warm-start", max_steps=max_warm_start_steps, seed=seed)
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, operand_lists: list[list[int]], *, max_new_tokens: int = 64,
-             batch_size: int = 256) -> dict[str, float]:
-    """Greedy decoding on held-out problems: accuracy, share of full chains, accuracy of full chains and of the
-    rest, and mean completion length in tokens."""
+def evaluate(model, tokenizer, operand_lists: list[list[int]], *, samples: int = 4, temperature: float = 1.0,
+             seed: int = 0, max_new_tokens: int = 64, batch_size: int = 512) -> dict[str, float]:
+    """``samples`` completions per held-out problem at the training temperature (the paper's avg@k), from a fixed
+    sampling seed: accuracy (avg@k), share of full chains, accuracy of full chains and of the rest, mean completion
+    length in tokens, and one example. Greedy decoding would hide the mix of direct answers and chains that RL
+    chooses between."""
     was_training = model.training
     model.eval()
-    texts = []
-    for start in range(0, len(operand_lists), batch_size):
-        chunk = operand_lists[start:start + batch_size]
-        batch = tokenizer([prompt_text(o) for o in chunk], return_tensors="pt", padding=True).to(model.device)
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts, expected = [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        repeated = [o for o in operand_lists for _ in range(samples)]
+        for start in range(0, len(repeated), batch_size):
+            chunk = repeated[start:start + batch_size]
+            batch = tokenizer([prompt_text(o) for o in chunk], return_tensors="pt", padding=True).to(model.device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                    top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            expected += chunk
     model.train(was_training)
-    correct = [parse_answer(t) == answer_digit(o) for t, o in zip(texts, operand_lists)]
-    chains = [is_stepwise(t, o) for t, o in zip(texts, operand_lists)]
+    correct = [parse_answer(t) == answer_digit(o) for t, o in zip(texts, expected)]
+    chains = [is_stepwise(t, o) for t, o in zip(texts, expected)]
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
 
     def rate(values: list[bool]) -> float:

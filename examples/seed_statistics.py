@@ -23,10 +23,19 @@ def run_jobs(function, jobs: list[tuple], workers: int) -> list:
         return list(pool.map(function, *zip(*jobs)))
 
 
+def defined(values: list[float]) -> list[float]:
+    """The values that are not NaN (e.g. the accuracy of full chains in a run that wrote none)."""
+    return [v for v in values if v == v]
+
+
 def mean_std(values: list[float], percent: bool = False) -> str:
-    """Mean ± sample standard deviation over seeds."""
-    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1%} ± {std:.1%}" if percent else f"{mean:+.3f} ± {std:.3f}"
+    """Mean ± sample standard deviation over seeds, of the defined values (their count when some are not)."""
+    kept = defined(values)
+    if not kept:
+        return "n/a"
+    mean, std = statistics.mean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
+    text = f"{mean:.1%} ± {std:.1%}" if percent else f"{mean:+.3f} ± {std:.3f}"
+    return text if len(kept) == len(values) else f"{text} (n = {len(kept)})"
 
 
 def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -50,7 +59,11 @@ def bootstrap_ci(a: list[float], b: list[float], *, level: float = 0.95, resampl
 
 
 def significance_row(label: str, a: list[float], b: list[float], *, percent: bool = False) -> str:
-    """A markdown table row: the difference in means, its 95 % bootstrap CI, Welch's t and p, and the verdict."""
+    """A markdown table row: the difference in means, its 95 % bootstrap CI, Welch's t and p, and the verdict (over
+    the defined values)."""
+    a, b = defined(a), defined(b)
+    if not a or not b:
+        return f"| {label} | n/a | n/a | n/a | n/a | n/a |"
     difference = statistics.mean(a) - statistics.mean(b)
     low, high = bootstrap_ci(a, b)
     t, p = welch_t_test(a, b)
