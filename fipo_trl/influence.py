@@ -24,7 +24,9 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
 .prompt {{ color: #333; background: #f4f4f4; padding: .2em .5em; margin-bottom: .3em; border-radius: 3px;
   font-size: .9em; white-space: pre-wrap; unicode-bidi: isolate; }}
 .label {{ color: #777; font-size: .8em; margin-right: .4em; }}
-.tok {{ padding: 1px 2px; border-radius: 2px; white-space: pre-wrap; unicode-bidi: isolate; }}
+/* inline-block: a line may break between any two tokens, also where a token carries no space */
+.tok {{ display: inline-block; padding: 1px 2px; margin: 1px 0; border-radius: 2px; white-space: pre-wrap;
+  unicode-bidi: isolate; }}
 .ctl {{ color: #a00; font-size: .75em; }}
 .scale {{ display: inline-flex; align-items: center; gap: 0; margin: .3em 0 1em; font-size: .8em; }}
 .swatch {{ display: inline-block; width: 3.2em; text-align: center; padding: 2px 0; border: 1px solid #eee; }}
