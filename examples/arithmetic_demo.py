@@ -70,6 +70,8 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, steps: int = 4
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fipo_trl._tiny import supervised_step
+
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model)
     model.train()
@@ -77,23 +79,8 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, steps: int = 4
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     for _ in range(steps):
-        input_ids, labels = [], []
-        for _ in range(batch_size):
-            prompt, answer = rng.choice(problems)
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            target_ids = tokenizer(f"{ANSWER_PREFIX} {answer} .")["input_ids"] + [tokenizer.eos_token_id]
-            input_ids.append(prompt_ids + target_ids)
-            labels.append([-100] * len(prompt_ids) + target_ids)  # loss on the completion only, as in TRL's SFT
-        width = max(len(ids) for ids in input_ids)
-        pad = tokenizer.pad_token_id
-        # Left padding, as TRL pads prompts for generation.
-        batch_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in input_ids])
-        batch_labels = torch.tensor([[-100] * (width - len(ids)) + ids for ids in labels])
-        attention_mask = (torch.arange(width)[None] >= torch.tensor([width - len(ids) for ids in input_ids])[:, None])
-        loss = model(input_ids=batch_ids, attention_mask=attention_mask.long(), labels=batch_labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        pairs = [rng.choice(problems) for _ in range(batch_size)]
+        supervised_step(model, tokenizer, optimizer, [(p, f"{ANSWER_PREFIX} {a} .") for p, a in pairs])
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

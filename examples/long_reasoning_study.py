@@ -46,7 +46,7 @@ SHARED = dict(  # every arm
     num_generations=8,
     max_completion_length=MAX_COMPLETION_LENGTH,
     temperature=1.0,
-    learning_rate=5e-4,
+    learning_rate=3e-4,
     lr_scheduler_type="constant",
     vllm_importance_sampling_correction=False,
     bf16=False, gradient_checkpointing=False, save_strategy="no", report_to="none", disable_tqdm=True,
@@ -81,10 +81,11 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="outputs/long-reasoning")
     parser.add_argument("--variants", nargs="+", default=list(STUDY), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--max_steps", type=int, default=240, help="optimizer steps per run (a multiple of 16)")
+    parser.add_argument("--max_steps", type=int, default=320, help="optimizer steps per run (a multiple of 16)")
     parser.add_argument("--logging_steps", type=int, default=8, help="a multiple of 8: whole generation batches")
-    parser.add_argument("--max_warm_start_steps", type=int, default=4000,
-                        help="the warm start stops earlier once full chains are right half the time on dev problems")
+    parser.add_argument("--max_warm_start_steps", type=int, default=2000,
+                        help="per initialisation; the warm start stops once full chains are right half the time on "
+                             "dev problems, and an initialisation that misses that is replaced (4 attempts)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     parser.add_argument("--reference", help="study.json of an earlier run whose runs join this report (ablation)")
     parser.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in seconds")
@@ -199,12 +200,12 @@ def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int) -> tuple[
     from reasoning_task import evaluate, prepare_model, problems
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, steps = prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed,
-                                max_warm_start_steps=max_warm_start_steps)
+    path, warm = prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed,
+                               max_warm_start_steps=max_warm_start_steps)
     before = evaluate(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                       problems(TEST_PROBLEMS, seed=TEST_SEED))
-    print(f"warm start seed {seed}: {steps} supervised steps; held-out {before}", flush=True)
-    return seed, str(path), {**before, "warm_start_steps": steps}
+    print(f"warm start seed {seed}: {warm}; held-out {before}", flush=True)
+    return seed, str(path), {**before, "warm_start": warm}
 
 
 def curve_mean(history: list[dict], key: str) -> float:
@@ -254,8 +255,10 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
               f"{mean_std([b['stepwise_share'] for b in before_values], percent=True)} of answers, right "
               f"{mean_std([b['accuracy_stepwise'] for b in before_values], percent=True)} of the time, other answers "
               f"right {mean_std([b['accuracy_other'] for b in before_values], percent=True)}, length "
-              f"{statistics.mean(b['mean_length'] for b in before_values):.1f} tokens; supervised warm-start steps "
-              f"{', '.join(str(b['warm_start_steps']) for b in before_values)}."]
+              f"{statistics.mean(b['mean_length'] for b in before_values):.1f} tokens. Warm starts (init seed: "
+              "supervised steps): " + ", ".join(f"{b['warm_start']['init_seed']}: {b['warm_start']['steps']}"
+                                     + ("" if b["warm_start"]["reached"] else " (target missed)")
+                                     for b in before_values) + "."]
     for other in variants:
         if other == "dapo" or "dapo" not in variants:
             continue

@@ -114,20 +114,23 @@ REWARD_FUNCS = [correctness_reward, accuracy, stepwise_share]
 REWARD_WEIGHTS = [1.0, 0.0, 0.0]
 
 
-def warm_start(base_model: str | Path, output_dir: str | Path, *, max_steps: int = 4000, batch_size: int = 32,
+def warm_start(base_model: str | Path, output_dir: str | Path, *, max_steps: int = 2000, batch_size: int = 32,
                learning_rate: float = 1e-3, seed: int = 0, target_chain_accuracy: float = 0.5,
-               check_every: int = 250) -> tuple[Path, int]:
+               check_every: int = 250) -> tuple[Path, int, bool]:
     """Supervised steps on the mixture ``WARM_START_MIX`` (loss on the completion only, as TRL's SFT) until the
     model's full chains are right ``target_chain_accuracy`` of the time on 128 dev problems (sampled, disjoint from
     the held-out set), checked every ``check_every`` steps, or ``max_steps``; save the model and tokenizer to
-    ``output_dir`` and return it with the steps taken.
+    ``output_dir``; return it, the steps taken and whether the target was reached.
 
     Why a competence target rather than a fixed step count: the chain needs an induction-head lookup, which a
-    2-layer model picks up abruptly, after 500 to 1,500+ steps depending on the seed. A fixed count leaves some
-    seeds with no skill to reinforce and others with nothing left to learn; the target starts every seed where
-    reasoning longer pays off (chains right about half the time, direct answers at chance) but is not yet perfect.
+    2-layer model picks up abruptly, after about 500 steps for some initialisations and not within 4,000 for others.
+    A fixed count leaves some seeds with no skill to reinforce and others with nothing left to learn; the target
+    starts every seed where reasoning longer pays off (chains right about half the time, direct answers at chance)
+    but is not yet perfect.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fipo_trl._tiny import supervised_step
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model)
@@ -136,9 +139,9 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, max_steps: int
     kinds, weights = zip(*WARM_START_MIX.items())
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     dev_problems = problems(128, seed=DEV_SEED)
-    step = 0
-    while step < max_steps:
-        input_ids, labels = [], []
+    step, reached = 0, False
+    while step < max_steps and not reached:
+        pairs = []
         for _ in range(batch_size):
             operands = draw_operands(rng)
             kind = rng.choices(kinds, weights)[0]
@@ -146,39 +149,35 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, max_steps: int
                 steps_taken = rng.randint(1, len(operands) - 1)
             else:
                 steps_taken = 0 if kind == "direct" else len(operands)
-            prompt_ids = tokenizer(prompt_text(operands))["input_ids"]
-            target_ids = tokenizer(target_text(operands, steps_taken))["input_ids"] + [tokenizer.eos_token_id]
-            input_ids.append(prompt_ids + target_ids)
-            labels.append([-100] * len(prompt_ids) + target_ids)
-        width = max(len(ids) for ids in input_ids)
-        pad = tokenizer.pad_token_id
-        batch_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in input_ids])  # left padding, as TRL
-        batch_labels = torch.tensor([[-100] * (width - len(ids)) + ids for ids in labels])
-        attention_mask = (torch.arange(width)[None] >= torch.tensor([width - len(ids) for ids in input_ids])[:, None])
-        loss = model(input_ids=batch_ids, attention_mask=attention_mask.long(), labels=batch_labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+            pairs.append((prompt_text(operands), target_text(operands, steps_taken)))
+        supervised_step(model, tokenizer, optimizer, pairs)
         step += 1
         if step % check_every == 0:
             dev = evaluate(model, tokenizer, dev_problems, samples=2, seed=seed)
-            if dev["accuracy_stepwise"] >= target_chain_accuracy:  # NaN (no chains yet) compares False
-                break
+            reached = dev["accuracy_stepwise"] >= target_chain_accuracy  # NaN (no chains yet) compares False
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    return output_dir, step
+    return output_dir, step, reached
 
 
-def prepare_model(workdir: str | Path, *, seed: int, max_warm_start_steps: int = 4000,
-                  hidden_size: int = 128) -> tuple[Path, int]:
+def prepare_model(workdir: str | Path, *, seed: int, max_warm_start_steps: int = 2000, attempts: int = 4,
+                  hidden_size: int = 128) -> tuple[Path, dict]:
     """Build the tiny Llama (2 layers, width 128: width 64 copies the digits but never learns the sums) and
-    warm-start it; return the warm-started path and the supervised steps taken."""
+    warm-start it to the competence target; an initialisation that misses it within ``max_warm_start_steps`` is
+    replaced by the next (init seed = seed + 1000 x attempt), up to ``attempts`` times. Returns the warm-started
+    path and ``{"init_seed", "steps", "reached"}`` of the attempt kept (the last one if none reached it)."""
     from fipo_trl._tiny import build_tiny_model
 
     workdir = Path(workdir)
-    base = build_tiny_model(workdir / "base-model", seed=seed, hidden_size=hidden_size)
-    return warm_start(base, workdir / "warm-start", max_steps=max_warm_start_steps, seed=seed)
+    for attempt in range(attempts):
+        init_seed = seed + 1000 * attempt
+        base = build_tiny_model(workdir / f"base-model-{attempt}", seed=init_seed, hidden_size=hidden_size)
+        path, steps, reached = warm_start(base, workdir / f"warm-start-{attempt}", max_steps=max_warm_start_steps,
+                                          seed=init_seed)
+        if reached:
+            break
+    return path, {"init_seed": init_seed, "steps": steps, "reached": reached}
 
 
 @torch.no_grad()

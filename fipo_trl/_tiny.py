@@ -70,6 +70,28 @@ def build_tiny_model(output_dir: str | Path, *, hidden_size: int = 64, num_layer
     return output_dir
 
 
+def supervised_step(model, tokenizer, optimizer, pairs: list[tuple[str, str]]) -> float:
+    """One plain supervised step on (prompt, target) texts: the target plus EOS, loss on the completion only (as in
+    TRL's SFT), prompts left-padded (as TRL pads them for generation). Returns the loss; the warm starts of the
+    examples' tasks are loops of this."""
+    input_ids, labels = [], []
+    for prompt, target in pairs:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = tokenizer(target)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids.append(prompt_ids + target_ids)
+        labels.append([-100] * len(prompt_ids) + target_ids)
+    width = max(len(ids) for ids in input_ids)
+    pad = tokenizer.pad_token_id
+    batch_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in input_ids])
+    batch_labels = torch.tensor([[-100] * (width - len(ids)) + ids for ids in labels])
+    attention_mask = torch.arange(width)[None] >= torch.tensor([width - len(ids) for ids in input_ids])[:, None]
+    loss = model(input_ids=batch_ids, attention_mask=attention_mask.long(), labels=batch_labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
 def tiny_prompt_dataset(n: int = 32, *, conversational: bool = False, seed: int = 0):
     """``n`` arithmetic prompts in the tiny vocabulary ("what is two plus three ?"), with an ``answer`` column."""
     from datasets import Dataset

@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from fipo_trl.kernels import STAT_NAMES, Hyperparameters, cpu_kernel_status, cpu_kernel_usable, triton_usable
+from fipo_trl.kernels import (
+    STAT_NAMES,
+    Hyperparameters,
+    cpu_kernel_status,
+    cpu_kernel_usable,
+    fipo_loss_naive,
+    triton_usable,
+)
 from fipo_trl.loss import COMPUTE_PATHS, metrics_from_stats
 
 needs_interpreter = pytest.mark.skipif(not triton_usable(torch.device("cpu")),
@@ -37,6 +44,11 @@ def hyperparameters(clip_mode="high_only", decay_rate=8.0, safety_threshold=3.0,
     clip_ratio, high_only = CLIP_MODES[clip_mode]
     return Hyperparameters(decay_rate=decay_rate, clip_ratio=clip_ratio, clip_high_only=high_only,
                            safety_threshold=safety_threshold, delta=delta)
+
+
+def reference(logps, old, adv, mask, h: Hyperparameters) -> dict:
+    """The float64 reference (``kernels/naive.py``) of one batch, for ``assert_matches_reference``."""
+    return fipo_loss_naive(logps, old, adv, mask, **h._asdict())
 
 
 def random_batch(B, T, *, seed, per_token_adv=False, scale=1.5, dtype=torch.float32, drop_row=True):

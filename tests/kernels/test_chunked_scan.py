@@ -19,9 +19,10 @@ from kernel_utils import (
     hyperparameters,
     needs_interpreter,
     random_batch,
+    reference,
 )
 
-from fipo_trl.kernels import fipo_loss_naive, fipo_triton
+from fipo_trl.kernels import fipo_triton
 from fipo_trl.kernels.fipo_triton import (
     CHUNK_SIZES,
     CHUNKED_MIN_ROW_LENGTH,
@@ -30,10 +31,6 @@ from fipo_trl.kernels.fipo_triton import (
     chunk_size_for,
     compute_triton,
 )
-
-
-def reference(logps, old, adv, mask, h):
-    return fipo_loss_naive(logps, old, adv, mask, **h._asdict())
 
 
 def run_chunked(logps, old, adv, mask, h, *, with_loss=True, chunk_size=32, block_size=16):

@@ -21,19 +21,15 @@ from kernel_utils import (
     hyperparameters,
     needs_c_kernel,
     random_batch,
+    reference,
     run_path,
 )
 
 from fipo_trl import fipo_loss, fipo_weights
-from fipo_trl.kernels import Hyperparameters, fipo_loss_naive
+from fipo_trl.kernels import Hyperparameters
 from fipo_trl.kernels.fipo_cpu import CHUNK_SIZE
 from fipo_trl.kernels.scan import SCAN_BLOCK_SIZE
 from fipo_trl.loss import COMPUTE_PATHS
-
-
-def reference(logps, old, adv, mask, h):
-    return fipo_loss_naive(logps, old, adv, mask, **h._asdict())
-
 
 # (B, T, block size): T just below / at / above one block, several blocks, for each path's own block
 SHAPES = {
