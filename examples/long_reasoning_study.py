@@ -35,6 +35,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -87,6 +88,9 @@ def parse_args(argv=None):
                         help="per initialisation; the warm start stops once full chains are right half the time on "
                              "dev problems, and an initialisation that misses that is replaced (4 attempts)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    parser.add_argument("--warm_start_cache", metavar="DIR",
+                        help="keep each seed's warm-started model here and reuse it when present (e.g. for the "
+                             "ablation, which then starts from the very models of the study)")
     parser.add_argument("--reference", help="study.json of an earlier run whose runs join this report (ablation)")
     parser.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in seconds")
     args = parser.parse_args(argv)
@@ -194,14 +198,23 @@ def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_
 
 
 def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int) -> tuple[int, str, dict]:
+    """The seed's warm-started model under ``workdir`` (made, or reused when ``workdir/seed-N/warm_start.json``
+    says it was finished with the same step limit) and its held-out evaluation before RL."""
     import torch
 
     torch.set_num_threads(1)
     from reasoning_task import evaluate, prepare_model, problems
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, warm = prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed,
-                               max_warm_start_steps=max_warm_start_steps)
+    record = os.path.join(workdir, f"seed-{seed}", "warm_start.json")
+    saved = json.loads(Path(record).read_text()) if os.path.exists(record) else None
+    if saved and saved["max_warm_start_steps"] == max_warm_start_steps:
+        path, warm = saved["path"], saved["warm_start"]
+    else:
+        path, warm = prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed,
+                                   max_warm_start_steps=max_warm_start_steps)
+        with open(record, "w") as f:
+            json.dump({"path": str(path), "warm_start": warm, "max_warm_start_steps": max_warm_start_steps}, f)
     before = evaluate(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                       problems(TEST_PROBLEMS, seed=TEST_SEED))
     print(f"warm start seed {seed}: {warm}; held-out {before}", flush=True)
@@ -312,7 +325,9 @@ def main(argv=None):
 
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = args.warm_start_cache or scratch
+        os.makedirs(workdir, exist_ok=True)
         warm = run_jobs(warm_start_one, [(seed, workdir, args.max_warm_start_steps) for seed in args.seeds],
                         args.workers)
         models = {seed: path for seed, path, _ in warm}

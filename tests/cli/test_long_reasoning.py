@@ -114,3 +114,20 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
     page = pages[0].read_text()
     assert read_influence_html(page) and "prompt</span>sum one" in page and "reference <b>" in page
     assert "reward " in page and 'class="swatch"' in page
+
+
+def test_an_initialisation_that_misses_the_warm_start_target_is_replaced(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_warm_start(base, output_dir, *, max_steps, seed):
+        calls.append(seed)
+        return Path(output_dir), max_steps if seed < 2000 else 750, seed >= 2000  # the third init reaches it
+
+    monkeypatch.setattr(task, "warm_start", fake_warm_start)
+    path, info = task.prepare_model(tmp_path, seed=7, max_warm_start_steps=100)
+    assert calls == [7, 1007, 2007] and path == tmp_path / "warm-start-2"
+    assert info == {"init_seed": 2007, "steps": 750, "reached": True}
+    calls.clear()
+    monkeypatch.setattr(task, "warm_start", lambda *a, seed, **k: (calls.append(seed), Path("w"), 100, False)[1:])
+    _, info = task.prepare_model(tmp_path, seed=7, attempts=2)
+    assert calls == [7, 1007] and info == {"init_seed": 1007, "steps": 100, "reached": False}  # kept, and reported
