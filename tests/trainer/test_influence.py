@@ -1,6 +1,10 @@
 """The token-influence view reads the trainer's own weights and shades one span per completion token."""
 
+import html
+import json
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -97,3 +101,47 @@ def test_tensorboard_receives_the_page(tiny_model_path, tmp_path):
     assert [(tag, step) for tag, step, _ in texts] == [("fipo/token_influence", 1), ("fipo/token_influence", 2)]
     assert 'class="tok"' in texts[-1][2]
     assert torch.is_tensor(trainer.fipo_last_batch["weights"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Layout facts read back from the rendered page by a script appended to a copy of it (the page itself has none).
+_PROBE = """<script>
+const swatches = [...document.querySelectorAll('.swatch')].map(s => getComputedStyle(s).backgroundColor);
+const tokens = [...document.querySelectorAll('.tok')];
+document.body.setAttribute('data-probe', JSON.stringify({
+  overflow: document.documentElement.scrollWidth > window.innerWidth,
+  swatches: swatches,
+  token_lines: new Set(tokens.map(t => Math.round(t.getBoundingClientRect().top))).size,
+  shaded: tokens.filter(t => getComputedStyle(t).backgroundColor !== 'rgba(0, 0, 0, 0)').length,
+}));
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium) for a real layout")
+def test_influence_page_layout_in_headless_chromium(tmp_path):
+    from fipo_trl._tiny import build_tiny_tokenizer
+    from fipo_trl.influence import render_influence_html
+
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer("one 6 = 6 , two 0 = 6 , three 4 = 0 , four 8 = 8 , " * 4 + "the answer is 8 .")["input_ids"]
+    T = len(ids)
+    weights = torch.linspace(1.0, 1.2, T)[None].repeat(2, 1)
+    batch = {"completion_ids": torch.tensor([ids, ids]), "mask": torch.ones(2, T, dtype=torch.bool),
+             "weights": weights, "future_kl": weights.log(), "advantages": torch.tensor([1.0, -1.0]),
+             "keep": torch.ones(2, dtype=torch.bool)}
+    context = [{"prompt": "sum one 6 two 0 ?", "reward": 1.0, "rewards": {"correct": 1.0}, "reference": "8"}] * 2
+    page = render_influence_html(batch, tokenizer, step=3, lower=1.0, upper=1.2, context=context)
+    probe_page = tmp_path / "page.html"
+    probe_page.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=800,600", "--virtual-time-budget=2000",
+         "--dump-dom", probe_page.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r"data-probe=\"([^\"]*)\"", result.stdout)
+    assert match, result.stderr[-2000:]
+    probe = json.loads(html.unescape(match.group(1)))
+    assert probe["overflow"] is False  # a long completion wraps inside an 800-pixel window (tokens carry no spaces)
+    assert probe["token_lines"] >= 4  # two completions of ~85 tokens each take several lines
+    assert probe["shaded"] == 2 * (T - 1)  # every token but the first (f = 1) is shaded
+    assert probe["swatches"][0] == "rgba(0, 0, 0, 0)" and probe["swatches"][-1] == "rgba(255, 140, 0, 0.85)"
