@@ -75,14 +75,15 @@ PANELS = [
 ]
 KEPT_METRICS = {"step", *(key for key, _ in PANELS), "fipo/future_kl_mean", "fipo/active", "reward"}
 TEST_PROBLEMS, TEST_SEED, TRAIN_PROMPTS = 512, 10_000, 8192
+DEFAULT_OUTPUT_DIR = "outputs/long-reasoning"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/long-reasoning")
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--variants", nargs="+", default=list(STUDY), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--max_steps", type=int, default=320, help="optimizer steps per run (a multiple of 16)")
+    parser.add_argument("--max_steps", type=int, default=240, help="optimizer steps per run (a multiple of 16)")
     parser.add_argument("--logging_steps", type=int, default=8, help="a multiple of 8: whole generation batches")
     parser.add_argument("--max_warm_start_steps", type=int, default=2000,
                         help="per initialisation; the warm start stops once full chains are right half the time on "
@@ -92,6 +93,8 @@ def parse_args(argv=None):
                         help="keep each seed's warm-started model here and reuse it when present (e.g. for the "
                              "ablation, which then starts from the very models of the study)")
     parser.add_argument("--reference", help="study.json of an earlier run whose runs join this report (ablation)")
+    parser.add_argument("--report_only", metavar="JSON",
+                        help="rewrite study.md and the plots from an earlier run's study.json, without training")
     parser.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in seconds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -222,24 +225,52 @@ def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int) -> tuple[
 
 
 def curve_mean(history: list[dict], key: str) -> float:
-    """The mean of a logged metric over the run: the area under its curve, i.e. how fast it rose."""
+    """The mean of a logged metric over the run: the area under its curve, i.e. how fast it rose (NaN when the run
+    never logged it, e.g. FIPO's weight in a DAPO run)."""
     values = [entry[key] for entry in history if key in entry]
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
-# (label, how to read it from a run, shown as a percentage?)
+# (label, how to read it from a run, how to show it: "percent", "tokens" or "weight")
 MEASURES = [
-    ("held-out accuracy after RL (avg@4)", lambda run: run["held_out"]["accuracy"], True),
-    ("held-out accuracy of full chains", lambda run: run["held_out"]["accuracy_stepwise"], True),
-    ("held-out share of full chains", lambda run: run["held_out"]["stepwise_share"], True),
-    ("held-out response length (tokens)", lambda run: run["held_out"]["mean_length"], False),
-    ("training accuracy, mean over the run", lambda run: curve_mean(run["log_history"], "rewards/accuracy/mean"),
-     True),
+    ("held-out accuracy after RL (avg@4)", lambda run: run["held_out"]["accuracy"], "percent"),
+    ("held-out accuracy of full chains", lambda run: run["held_out"]["accuracy_stepwise"], "percent"),
+    ("held-out share of full chains", lambda run: run["held_out"]["stepwise_share"], "percent"),
+    ("held-out response length (tokens)", lambda run: run["held_out"]["mean_length"], "tokens"),
+    ("training accuracy, mean over the run",
+     lambda run: curve_mean(run["log_history"], "rewards/accuracy/mean"), "percent"),
     ("share of full chains, mean over the run",
-     lambda run: curve_mean(run["log_history"], "rewards/stepwise_share/mean"), True),
-    ("response length, mean over the run", lambda run: curve_mean(run["log_history"], "completions/mean_length"),
-     False),
+     lambda run: curve_mean(run["log_history"], "rewards/stepwise_share/mean"), "percent"),
+    ("response length, mean over the run",
+     lambda run: curve_mean(run["log_history"], "completions/mean_length"), "tokens"),
+    ("FIPO weight f, mean over the run",
+     lambda run: curve_mean(run["log_history"], "fipo/influence_weights_mean"), "weight"),
+    ("share of tokens at the weight cap, mean over the run",
+     lambda run: curve_mean(run["log_history"], "fipo/IW_upper_clip_ratio"), "percent"),
 ]
+
+
+def cell(values: list[float], kind: str) -> str:
+    """Mean ± std over seeds of the defined values, as a percentage, tokens (1 decimal) or a weight (3)."""
+    from seed_statistics import defined, mean_std
+
+    if kind == "percent" or not defined(values):
+        return mean_std(values, percent=kind == "percent")
+    kept = defined(values)
+    digits = 1 if kind == "tokens" else 3
+    std = statistics.stdev(kept) if len(kept) > 1 else 0.0
+    return f"{statistics.mean(kept):.{digits}f} ± {std:.{digits}f}"
+
+
+def matching_dapo(variant: str, variants: list[str]) -> str | None:
+    """The DAPO arm that differs from ``variant`` only by FIPO's weight, if present (``dapo-16`` for ``fipo-16``),
+    else the study's ``dapo``; None for DAPO arms themselves."""
+    trainer, overrides = VARIANTS[variant]
+    if trainer == "dapo" and variant == "dapo":
+        return None
+    updates = overrides.get("steps_per_generation")
+    same = [v for v in variants if VARIANTS[v][0] == "dapo" and VARIANTS[v][1].get("steps_per_generation") == updates]
+    return same[0] if same and same[0] != variant else ("dapo" if "dapo" in variants else None)
 
 
 def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
@@ -252,13 +283,8 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
              "mean ± std over seeds.", ""]
     header = "| measure | " + " | ".join(variants) + " |"
     lines += [header, "|---|" + "---|" * len(variants)]
-    for label, read, percent in MEASURES:
-        cells = []
-        for variant in variants:
-            values = [read(run) for run in runs if run["variant"] == variant]
-            cells.append(mean_std(values, percent=percent) if percent else
-                         f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}")
-            # (lengths are always defined; accuracies of full chains are not in a run that wrote none)
+    for label, read, kind in MEASURES:
+        cells = [cell([read(run) for run in runs if run["variant"] == variant], kind) for variant in variants]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     seconds = [f"{statistics.mean(run['train_seconds'] for run in runs if run['variant'] == v):.0f}" for v in variants]
     lines.append("| train time per run (s) | " + " | ".join(seconds) + " |")
@@ -273,16 +299,20 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
                                      + ("" if b["warm_start"]["reached"] else " (target missed)")
                                      for b in before_values) + "."]
     for other in variants:
-        if other == "dapo" or "dapo" not in variants:
+        baseline = matching_dapo(other, variants)
+        if baseline is None:
             continue
-        lines += ["", f"{other} vs dapo, over {len(seeds)} seeds each (Welch's t-test; bootstrap over seeds):", "",
-                  SIGNIFICANCE_HEADER]
-        for label, read, percent in MEASURES:
+        lines += ["", f"{other} vs {baseline}, over {len(seeds)} seeds each (Welch's t-test; bootstrap over seeds):",
+                  "", SIGNIFICANCE_HEADER]
+        for label, read, kind in MEASURES[:7]:  # the weight rows are FIPO's alone
             a = [read(run) for run in runs if run["variant"] == other]
-            b = [read(run) for run in runs if run["variant"] == "dapo"]
-            lines.append(significance_row(label, a, b, percent=percent))
+            b = [read(run) for run in runs if run["variant"] == baseline]
+            lines.append(significance_row(label, a, b, percent=kind == "percent"))
     lines += ["", f"Wall time {wall / 60:.1f} min ({args.workers} runs in parallel on this machine)."]
     return "\n".join(lines) + "\n"
+
+
+MIN_TOKENS_PER_POSITION = 200
 
 
 def plot_by_position(runs: list[dict], path: str) -> None:
@@ -299,7 +329,10 @@ def plot_by_position(runs: list[dict], path: str) -> None:
                              (axes[1], "f", "FIPO weight f by response position")):
         for half, color in colors.items():
             curves = [run["future_kl_by_position"][half][key] for run in fipo_runs]
-            positions = [p for p in range(MAX_COMPLETION_LENGTH) if all(c[p] is not None for c in curves)]
+            counts = [run["future_kl_by_position"][half]["tokens"] for run in fipo_runs]
+            # positions every run reached often enough for a mean (the tail holds a few over-long completions)
+            positions = [p for p in range(MAX_COMPLETION_LENGTH)
+                         if all(n[p] >= MIN_TOKENS_PER_POSITION for n in counts)]
             if not curves or not positions:
                 continue
             mean = [statistics.mean(c[p] for c in curves) for p in positions]
@@ -316,12 +349,20 @@ def plot_by_position(runs: list[dict], path: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report_only:
+        with open(args.report_only) as f:
+            data = json.load(f)
+        for name in ("seeds", "max_steps", "workers"):
+            setattr(args, name, data["args"][name])
+        args.output_dir = args.output_dir if args.output_dir != DEFAULT_OUTPUT_DIR else os.path.dirname(
+            os.path.abspath(args.report_only))
+        write_report(data["runs"], args, data["before_rl"], data["wall_seconds"], write_json=False)
+        return
     import torch
 
     torch.set_num_threads(1)
     from seed_statistics import run_jobs
 
-    from fipo_trl.plots import plot_training_curves
 
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
@@ -344,6 +385,12 @@ def main(argv=None):
             earlier = json.load(f)
         runs = [run for run in earlier["runs"] if run["variant"] not in args.variants
                 and run["seed"] in args.seeds] + runs
+    write_report(runs, args, before, wall)
+
+
+def write_report(runs: list[dict], args, before: dict, wall: float, *, write_json: bool = True) -> None:
+    """study.md, curves.png, future_kl_by_position.png and (``write_json``) study.json in args.output_dir."""
+    from fipo_trl.plots import plot_training_curves
 
     variants = list(dict.fromkeys(run["variant"] for run in runs))
     plot_training_curves({v: [r["log_history"] for r in runs if r["variant"] == v] for v in variants},
@@ -355,8 +402,9 @@ def main(argv=None):
     table = report(runs, args, before, wall)
     with open(os.path.join(args.output_dir, "study.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(args.output_dir, "study.json"), "w") as f:
-        json.dump({"args": vars(args), "wall_seconds": wall, "before_rl": before, "runs": runs}, f)
+    if write_json:
+        with open(os.path.join(args.output_dir, "study.json"), "w") as f:
+            json.dump({"args": vars(args), "wall_seconds": wall, "before_rl": before, "runs": runs}, f)
     print("\n" + table)
     print(f"Written: study.md, study.json, curves.png, future_kl_by_position.png in {args.output_dir}")
 
