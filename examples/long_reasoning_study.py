@@ -89,6 +89,8 @@ def parse_args(argv=None):
                         help="per initialisation; the warm start stops once full chains are right half the time on "
                              "dev problems, and an initialisation that misses that is replaced (4 attempts)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    parser.add_argument("--warm_start_attempts", type=int, default=4, help="initialisations tried per seed")
+    parser.add_argument("--test_problems", type=int, default=TEST_PROBLEMS, help="held-out problems (x 4 samples)")
     parser.add_argument("--warm_start_cache", metavar="DIR",
                         help="keep each seed's warm-started model here and reuse it when present (e.g. for the "
                              "ablation, which then starts from the very models of the study)")
@@ -99,6 +101,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.max_steps, args.logging_steps, args.max_warm_start_steps, args.workers = [0, 1], 8, 8, 20, 1
+        args.warm_start_attempts, args.test_problems = 1, 32
         args.variants = [v for v in args.variants if VARIANTS[v][1].get("steps_per_generation", 8) <= 8]
     if any(VARIANTS[v][1].get("steps_per_generation", UPDATES_PER_GENERATION) > args.max_steps for v in args.variants):
         parser.error("--max_steps must cover one generation batch of every variant")
@@ -159,7 +162,7 @@ class FutureKLByPosition:
 
 
 def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_steps: int,
-              influence_dir: str | None = None) -> dict:
+              influence_dir: str | None = None, test_problems: int = TEST_PROBLEMS) -> dict:
     """One run; its curves, held-out evaluation and wall time (picklable, for worker processes). With
     ``influence_dir``, a FIPO run also writes the token-influence page of its last update there."""
     import torch
@@ -192,7 +195,7 @@ def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        held_out = evaluate(trainer.model, trainer.processing_class, problems(TEST_PROBLEMS, seed=TEST_SEED))
+        held_out = evaluate(trainer.model, trainer.processing_class, problems(test_problems, seed=TEST_SEED))
     print(f"{variant} seed {seed}: {seconds:.0f} s, held-out accuracy {held_out['accuracy']:.1%}, "
           f"full chains {held_out['stepwise_share']:.1%}, length {held_out['mean_length']:.1f}", flush=True)
     history = [{k: v for k, v in entry.items() if k in KEPT_METRICS} for entry in trainer.state.log_history]
@@ -200,7 +203,8 @@ def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_
             "future_kl_by_position": by_position.means() if by_position else None, "train_seconds": seconds}
 
 
-def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int) -> tuple[int, str, dict]:
+def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int, attempts: int = 4,
+                   test_problems: int = TEST_PROBLEMS) -> tuple[int, str, dict]:
     """The seed's warm-started model under ``workdir`` (made, or reused when ``workdir/seed-N/warm_start.json``
     says it was finished with the same step limit) and its held-out evaluation before RL."""
     import torch
@@ -215,11 +219,11 @@ def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int) -> tuple[
         path, warm = saved["path"], saved["warm_start"]
     else:
         path, warm = prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed,
-                                   max_warm_start_steps=max_warm_start_steps)
+                                   max_warm_start_steps=max_warm_start_steps, attempts=attempts)
         with open(record, "w") as f:
             json.dump({"path": str(path), "warm_start": warm, "max_warm_start_steps": max_warm_start_steps}, f)
     before = evaluate(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                      problems(TEST_PROBLEMS, seed=TEST_SEED))
+                      problems(test_problems, seed=TEST_SEED))
     print(f"warm start seed {seed}: {warm}; held-out {before}", flush=True)
     return seed, str(path), {**before, "warm_start": warm}
 
@@ -289,7 +293,8 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
     seconds = [f"{statistics.mean(run['train_seconds'] for run in runs if run['variant'] == v):.0f}" for v in variants]
     lines.append("| train time per run (s) | " + " | ".join(seconds) + " |")
     before_values = list(before.values())
-    lines += ["", "Warm-started models before RL (same 512 held-out problems x 4 samples): accuracy "
+    lines += ["", f"Warm-started models before RL (the same {args.test_problems} held-out problems x 4 samples): "
+              "accuracy "
               f"{mean_std([b['accuracy'] for b in before_values], percent=True)}, full chains "
               f"{mean_std([b['stepwise_share'] for b in before_values], percent=True)} of answers, right "
               f"{mean_std([b['accuracy_stepwise'] for b in before_values], percent=True)} of the time, other answers "
@@ -369,14 +374,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.warm_start_cache or scratch
         os.makedirs(workdir, exist_ok=True)
-        warm = run_jobs(warm_start_one, [(seed, workdir, args.max_warm_start_steps) for seed in args.seeds],
-                        args.workers)
+        warm = run_jobs(warm_start_one, [(seed, workdir, args.max_warm_start_steps, args.warm_start_attempts,
+                                          args.test_problems) for seed in args.seeds], args.workers)
         models = {seed: path for seed, path, _ in warm}
         before = {seed: evaluation for seed, _, evaluation in warm}
         # The first seed's FIPO run writes the token-influence page (to output_dir/influence/step-<max_steps>.html).
         influence_dir = os.path.abspath(os.path.join(args.output_dir, "influence"))
         jobs = [(variant, seed, models[seed], args.max_steps, args.logging_steps,
-                 influence_dir if (variant, seed) == ("fipo", args.seeds[0]) else None)
+                 influence_dir if (variant, seed) == ("fipo", args.seeds[0]) else None, args.test_problems)
                 for seed in args.seeds for variant in args.variants]
         runs = run_jobs(train_one, jobs, args.workers)
     wall = time.perf_counter() - start
