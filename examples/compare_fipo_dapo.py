@@ -114,6 +114,7 @@ def main(argv=None):
         table = summary_table(data["runs"], args, starts)
         table += (f"\nTotal wall time {data['wall_seconds'] / 60:.1f} min ({data['args']['workers']} runs in "
                   "parallel).\n")
+        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "fipo_vs_dapo.md"), "w") as f:
             f.write(table)
         print(table)

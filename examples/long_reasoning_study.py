@@ -23,7 +23,7 @@ on 512 held-out problems x 4 samples at T = 1 (avg@4, a fixed sampling seed), an
 - future_kl_by_position.png: F and f against the token's position in the response;
 - influence/step-N.html: the first seed's FIPO run at its last update, longest completions first.
 
-Settings were chosen on a dev seed (100) that is not among the reported seeds. Needs matplotlib and scipy:
+Settings were chosen on dev seeds (100, 101), not among the reported seeds. Needs matplotlib and scipy:
 pip install 'fipo_trl[demo]'.
 """
 
@@ -304,15 +304,19 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
                                      + ("" if b["warm_start"]["reached"] else " (target missed)")
                                      for b in before_values) + "."]
     for other in variants:
-        baseline = matching_dapo(other, variants)
-        if baseline is None:
-            continue
-        lines += ["", f"{other} vs {baseline}, over {len(seeds)} seeds each (Welch's t-test; bootstrap over seeds):",
-                  "", SIGNIFICANCE_HEADER]
-        for label, read, kind in MEASURES[:7]:  # the weight rows are FIPO's alone
-            a = [read(run) for run in runs if run["variant"] == other]
-            b = [read(run) for run in runs if run["variant"] == baseline]
-            lines.append(significance_row(label, a, b, percent=kind == "percent"))
+        # FIPO arms against the DAPO arm that differs only by the weight; arms with another update count also
+        # against the same method at the study's 8 updates per batch
+        same_method = VARIANTS[other][0] if "steps_per_generation" in VARIANTS[other][1] else None
+        baselines = dict.fromkeys([matching_dapo(other, variants), same_method if same_method in variants else None])
+        for baseline in baselines:
+            if baseline is None or baseline == other:
+                continue
+            lines += ["", f"{other} vs {baseline}, over {len(seeds)} seeds each (Welch's t-test; bootstrap over "
+                      "seeds):", "", SIGNIFICANCE_HEADER]
+            for label, read, kind in MEASURES[:7]:  # the weight rows are FIPO's alone
+                a = [read(run) for run in runs if run["variant"] == other]
+                b = [read(run) for run in runs if run["variant"] == baseline]
+                lines.append(significance_row(label, a, b, percent=kind == "percent"))
     lines += ["", f"Wall time {wall / 60:.1f} min ({args.workers} runs in parallel on this machine)."]
     return "\n".join(lines) + "\n"
 
@@ -357,10 +361,11 @@ def main(argv=None):
     if args.report_only:
         with open(args.report_only) as f:
             data = json.load(f)
-        for name in ("seeds", "max_steps", "workers"):
-            setattr(args, name, data["args"][name])
+        for name in ("seeds", "max_steps", "workers", "test_problems"):
+            setattr(args, name, data["args"].get(name, getattr(args, name)))
         args.output_dir = args.output_dir if args.output_dir != DEFAULT_OUTPUT_DIR else os.path.dirname(
             os.path.abspath(args.report_only))
+        os.makedirs(args.output_dir, exist_ok=True)
         write_report(data["runs"], args, data["before_rl"], data["wall_seconds"], write_json=False)
         return
     import torch

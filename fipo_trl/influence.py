@@ -34,7 +34,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
 <h1>FIPO token influence, step {step}</h1>
 <p>Each completion token is shaded by its influence weight f = clip(exp(F)) in [{lower:g}, {upper:g}]:
 orange for f &gt; 1 (its future became more likely under the updated policy: more credit, for a positive or a
-negative advantage), blue for f &lt; 1, white for 1. Hover a token for f and its Future-KL F.</p>
+negative advantage), {below}white for 1. Hover a token for f and its Future-KL F.</p>
 <div class="scale"><span class="label">f</span>{scale}</div>
 {rows}
 </body></html>
@@ -117,7 +117,9 @@ def render_influence_html(batch: dict[str, torch.Tensor], tokenizer, *, step: in
         rows.append(f'<div class="completion"><div class="meta">completion {row}{meta} · advantage {advantage:+.3f}'
                     f' · {len(ids)} tokens{kept}</div>{prompt_block}<span class="label">completion</span>{spans}'
                     '</div>')
-    return PAGE.format(step=step, lower=lower, upper=upper, rows="\n".join(rows), scale=_colour_scale(lower, upper))
+    below = "blue for f &lt; 1, " if lower < 1 else "(the one-sided clip never gives f &lt; 1), "
+    return PAGE.format(step=step, lower=lower, upper=upper, rows="\n".join(rows), scale=_colour_scale(lower, upper),
+                       below=below)
 
 
 REFERENCE_COLUMNS = ("answer", "solution", "reference", "ground_truth", "target")
