@@ -88,13 +88,21 @@ def parse_args(argv=None):
     parser.add_argument("--max_warm_start_steps", type=int, default=2000,
                         help="per initialisation; the warm start stops once full chains are right half the time on "
                              "dev problems, and an initialisation that misses that is replaced (4 attempts)")
+    parser.add_argument("--warm_start_target", type=float, default=0.5,
+                        help="competence target: the share of the warm start's full chains that are right on dev "
+                             "problems (0.25 for the early-stopped variant, where reasoning is present but unreliable)")
+    parser.add_argument("--warm_start_check_every", type=int, default=250,
+                        help="supervised steps between checks of the target (the skill appears abruptly: a low "
+                             "target needs frequent checks)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     parser.add_argument("--warm_start_attempts", type=int, default=4, help="initialisations tried per seed")
     parser.add_argument("--test_problems", type=int, default=TEST_PROBLEMS, help="held-out problems (x 4 samples)")
     parser.add_argument("--warm_start_cache", metavar="DIR",
                         help="keep each seed's warm-started model here and reuse it when present (e.g. for the "
                              "ablation, which then starts from the very models of the study)")
-    parser.add_argument("--reference", help="study.json of an earlier run whose runs join this report (ablation)")
+    parser.add_argument("--reference", nargs="+", default=[],
+                        help="study.json of earlier runs that join this report where this run has no run of the same "
+                             "arm and seed (the ablation's baselines; seeds run before a study was extended)")
     parser.add_argument("--report_only", metavar="JSON",
                         help="rewrite study.md and the plots from an earlier run's study.json, without training")
     parser.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in seconds")
@@ -204,7 +212,8 @@ def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_
 
 
 def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int, attempts: int = 4,
-                   test_problems: int = TEST_PROBLEMS) -> tuple[int, str, dict]:
+                   test_problems: int = TEST_PROBLEMS, target: float = 0.5,
+                   check_every: int = 250) -> tuple[int, str, dict]:
     """The seed's warm-started model under ``workdir`` (made, or reused when ``workdir/seed-N/warm_start.json``
     says it was finished with the same step limit) and its held-out evaluation before RL."""
     import torch
@@ -214,14 +223,18 @@ def warm_start_one(seed: int, workdir: str, max_warm_start_steps: int, attempts:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     record = os.path.join(workdir, f"seed-{seed}", "warm_start.json")
+    settings = {"max_warm_start_steps": max_warm_start_steps, "target_chain_accuracy": target,
+                "check_every": check_every}
     saved = json.loads(Path(record).read_text()) if os.path.exists(record) else None
-    if saved and saved["max_warm_start_steps"] == max_warm_start_steps:
+    # records written before the target was a setting were made with the default target
+    if saved and {"target_chain_accuracy": 0.5, "check_every": 250, **saved}.items() >= settings.items():
         path, warm = saved["path"], saved["warm_start"]
     else:
         path, warm = prepare_model(os.path.join(workdir, f"seed-{seed}"), seed=seed,
-                                   max_warm_start_steps=max_warm_start_steps, attempts=attempts)
+                                   max_warm_start_steps=max_warm_start_steps, attempts=attempts,
+                                   target_chain_accuracy=target, check_every=check_every)
         with open(record, "w") as f:
-            json.dump({"path": str(path), "warm_start": warm, "max_warm_start_steps": max_warm_start_steps}, f)
+            json.dump({"path": str(path), "warm_start": warm, **settings}, f)
     before = evaluate(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                       problems(test_problems, seed=TEST_SEED))
     print(f"warm start seed {seed}: {warm}; held-out {before}", flush=True)
@@ -356,6 +369,27 @@ def plot_by_position(runs: list[dict], path: str) -> None:
     figure.savefig(path)
 
 
+def run_file(output_dir: str, variant: str, seed: int) -> str:
+    """Where one finished run is kept: a study spans sessions, so every run is written as soon as it ends."""
+    return os.path.join(output_dir, "runs", f"{variant}-seed{seed}.json")
+
+
+def train_and_keep(path: str, *job) -> dict:
+    """``train_one(*job)``, written to ``path`` (atomically: a kill mid-write leaves no half file)."""
+    run = train_one(*job)
+    with open(path + ".tmp", "w") as f:
+        json.dump(run, f)
+    os.replace(path + ".tmp", path)
+    return run
+
+
+def warm_start_and_keep(path: str, *job) -> tuple[int, str, dict]:
+    result = warm_start_one(*job)
+    with open(path, "w") as f:
+        json.dump(result[2], f)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.report_only:
@@ -373,28 +407,44 @@ def main(argv=None):
     torch.set_num_threads(1)
     from seed_statistics import run_jobs
 
-
-    os.makedirs(args.output_dir, exist_ok=True)
+    os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
     start = time.perf_counter()
+    # The first seed's FIPO run writes the token-influence page (to output_dir/influence/step-<max_steps>.html).
+    influence_dir = os.path.abspath(os.path.join(args.output_dir, "influence"))
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.warm_start_cache or scratch
         os.makedirs(workdir, exist_ok=True)
-        warm = run_jobs(warm_start_one, [(seed, workdir, args.max_warm_start_steps, args.warm_start_attempts,
-                                          args.test_problems) for seed in args.seeds], args.workers)
+        # Runs already on disk (an interrupted study, rerun with the same command) are kept, not redone.
+        todo = [(variant, seed) for seed in args.seeds for variant in args.variants
+                if not os.path.exists(run_file(args.output_dir, variant, seed))]
+        before_path = lambda seed: os.path.join(args.output_dir, "runs", f"before-seed{seed}.json")  # noqa: E731
+        warm = run_jobs(warm_start_and_keep, [
+            (before_path(seed), seed, workdir, args.max_warm_start_steps, args.warm_start_attempts,
+             args.test_problems, args.warm_start_target, args.warm_start_check_every)
+            for seed in dict.fromkeys(seed for _, seed in todo)], args.workers)
         models = {seed: path for seed, path, _ in warm}
-        before = {seed: evaluation for seed, _, evaluation in warm}
-        # The first seed's FIPO run writes the token-influence page (to output_dir/influence/step-<max_steps>.html).
-        influence_dir = os.path.abspath(os.path.join(args.output_dir, "influence"))
-        jobs = [(variant, seed, models[seed], args.max_steps, args.logging_steps,
-                 influence_dir if (variant, seed) == ("fipo", args.seeds[0]) else None, args.test_problems)
-                for seed in args.seeds for variant in args.variants]
-        runs = run_jobs(train_one, jobs, args.workers)
+        jobs = [(run_file(args.output_dir, variant, seed), variant, seed, models[seed], args.max_steps,
+                 args.logging_steps, influence_dir if (variant, seed) == ("fipo", args.seeds[0]) else None,
+                 args.test_problems) for variant, seed in todo]
+        run_jobs(train_and_keep, jobs, args.workers)
     wall = time.perf_counter() - start
-    if args.reference:  # earlier runs (same seeds, warm starts and budget) join the report, e.g. the baselines
-        with open(args.reference) as f:
+    runs, before = [], {}
+    for seed in args.seeds:
+        with open(before_path(seed)) as f:
+            before[seed] = json.load(f)
+        for variant in args.variants:
+            with open(run_file(args.output_dir, variant, seed)) as f:
+                runs.append(json.load(f))
+    for reference in args.reference:  # earlier runs join the report where this one has no run of that arm and seed
+        with open(reference) as f:
             earlier = json.load(f)
-        runs = [run for run in earlier["runs"] if run["variant"] not in args.variants
-                and run["seed"] in args.seeds] + runs
+        have = {(run["variant"], run["seed"]) for run in runs}
+        runs += [run for run in earlier["runs"] if (run["variant"], run["seed"]) not in have]
+        for seed, evaluation in earlier["before_rl"].items():
+            before.setdefault(int(seed), evaluation)
+    seeds = sorted({run["seed"] for run in runs})
+    args.seeds = seeds
+    before = {seed: before[seed] for seed in seeds if seed in before}
     write_report(runs, args, before, wall)
 
 

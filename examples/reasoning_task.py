@@ -162,10 +162,12 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, max_steps: int
 
 
 def prepare_model(workdir: str | Path, *, seed: int, max_warm_start_steps: int = 2000, attempts: int = 4,
-                  hidden_size: int = 128) -> tuple[Path, dict]:
+                  hidden_size: int = 128, target_chain_accuracy: float = 0.5,
+                  check_every: int = 250) -> tuple[Path, dict]:
     """Build the tiny Llama (2 layers, width 128: width 64 copies the digits but never learns the sums) and
     warm-start it to the competence target; an initialisation that misses it within ``max_warm_start_steps`` is
-    replaced by the next (init seed = seed + 1000 x attempt), up to ``attempts`` times. Returns the warm-started
+    replaced by the next (init seed = seed + 1000 x attempt), up to ``attempts`` times. ``target_chain_accuracy``
+    and ``check_every`` are the warm start's competence target and how often it is checked. Returns the warm-started
     path and ``{"init_seed", "steps", "reached"}`` of the attempt kept (the last one if none reached it)."""
     from fipo_trl._tiny import build_tiny_model
 
@@ -174,7 +176,8 @@ def prepare_model(workdir: str | Path, *, seed: int, max_warm_start_steps: int =
         init_seed = seed + 1000 * attempt
         base = build_tiny_model(workdir / f"base-model-{attempt}", seed=init_seed, hidden_size=hidden_size)
         path, steps, reached = warm_start(base, workdir / f"warm-start-{attempt}", max_steps=max_warm_start_steps,
-                                          seed=init_seed)
+                                          seed=init_seed, target_chain_accuracy=target_chain_accuracy,
+                                          check_every=check_every)
         if reached:
             break
     return path, {"init_seed": init_seed, "steps": steps, "reached": reached}

@@ -119,7 +119,7 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
 def test_an_initialisation_that_misses_the_warm_start_target_is_replaced(monkeypatch, tmp_path):
     calls = []
 
-    def fake_warm_start(base, output_dir, *, max_steps, seed):
+    def fake_warm_start(base, output_dir, *, max_steps, seed, **target):
         calls.append(seed)
         return Path(output_dir), max_steps if seed < 2000 else 750, seed >= 2000  # the third init reaches it
 
