@@ -9,8 +9,9 @@ updates per generation batch: the only difference is FIPO's Future-KL weight on 
 methods start from the same warm-started tiny model (examples/arithmetic_demo.py).
 
 Writes fipo_vs_dapo.png (reward, completion length and FIPO weight statistics vs step, mean +- std over seeds),
-fipo_vs_dapo.md (final reward and greedy accuracy, mean +- std over seeds, and FIPO - DAPO with Welch's t-test and a
-bootstrap CI over seeds) and fipo_vs_dapo.json (every number); --report_only rewrites the table from that JSON.
+fipo_vs_dapo.md (final reward and greedy accuracy, mean +- std over seeds, and FIPO - DAPO per seed with the paired
+t-test, the Wilcoxon signed-rank test and a paired bootstrap CI) and fipo_vs_dapo.json (every number); --report_only
+rewrites the table from that JSON.
 Needs matplotlib and scipy: pip install 'fipo_trl[demo]'.
 """
 
@@ -76,7 +77,7 @@ def train_one(method: str, seed: int, model_path: str, max_steps: int, logging_s
 
 def summary_table(runs: list[dict], args, start_accuracy: dict[int, float]) -> str:
     from arithmetic_demo import final_reward
-    from seed_statistics import SIGNIFICANCE_HEADER, mean_std, significance_row
+    from seed_statistics import PAIRED_HEADER, mean_std, paired_significance_row
 
     lines = [
         f"FIPO vs DAPO, tiny Llama on single-digit arithmetic, {args.max_steps} optimizer steps "
@@ -95,12 +96,16 @@ def summary_table(runs: list[dict], args, start_accuracy: dict[int, float]) -> s
     before = list(start_accuracy.values())
     lines += ["", f"Greedy accuracy of the warm-started models before RL: {mean_std(before, percent=True)}. "
               "Reward is +1 for a correct \"the answer is D .\", -1 otherwise, sampled at temperature 1 "
-              "(0 = half right).", "", f"FIPO - DAPO over {len(args.seeds)} seeds each:", "", SIGNIFICANCE_HEADER]
-    by_method = {m: [run for run in runs if run["method"] == m] for m in METHODS}
-    lines.append(significance_row("final reward", *([final_reward(r["log_history"]) for r in by_method[m]]
-                                                    for m in METHODS)))
-    lines.append(significance_row("greedy accuracy after", *([r["greedy_accuracy"] for r in by_method[m]]
-                                                             for m in METHODS), percent=True))
+              "(0 = half right).", "", "FIPO - DAPO, per seed (both start from the seed's warm start: paired tests "
+              "over seeds):", "", PAIRED_HEADER]
+
+    def by_seed(method, read):  # both methods start from the same warm start per seed: a paired design
+        return {run["seed"]: read(run) for run in runs if run["method"] == method}
+
+    lines.append(paired_significance_row("final reward", *(by_seed(m, lambda r: final_reward(r["log_history"]))
+                                                           for m in METHODS)))
+    lines.append(paired_significance_row("greedy accuracy after", *(by_seed(m, lambda r: r["greedy_accuracy"])
+                                                                    for m in METHODS), percent=True))
     return "\n".join(lines) + "\n"
 
 

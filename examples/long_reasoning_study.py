@@ -90,7 +90,7 @@ def parse_args(argv=None):
                              "dev problems, and an initialisation that misses that is replaced (4 attempts)")
     parser.add_argument("--warm_start_target", type=float, default=0.5,
                         help="competence target: the share of the warm start's full chains that are right on dev "
-                             "problems (0.25 for the early-stopped variant, where reasoning is present but unreliable)")
+                             "problems (0.25 for the early-stopped variant: reasoning present but unreliable)")
     parser.add_argument("--warm_start_check_every", type=int, default=250,
                         help="supervised steps between checks of the target (the skill appears abruptly: a low "
                              "target needs frequent checks)")
@@ -291,20 +291,22 @@ def matching_dapo(variant: str, variants: list[str]) -> str | None:
 
 
 def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
-    from seed_statistics import SIGNIFICANCE_HEADER, mean_std, significance_row
+    from seed_statistics import PAIRED_HEADER, mean_std, paired_significance_row
 
     variants = list(dict.fromkeys(run["variant"] for run in runs))
     seeds = sorted({run["seed"] for run in runs})
     lines = [f"Long-reasoning study: tiny Llama (2 layers, width 128) on the last digit of a sum of 3-8 digits, "
              f"{args.max_steps} optimizer steps of 64 completions per run, seeds {', '.join(map(str, seeds))}; "
              "mean ± std over seeds.", ""]
-    header = "| measure | " + " | ".join(variants) + " |"
+    count = {v: len({run["seed"] for run in runs if run["variant"] == v}) for v in variants}
+    header = "| measure | " + " | ".join(f"{v} ({count[v]} seeds)" for v in variants) + " |"
     lines += [header, "|---|" + "---|" * len(variants)]
     for label, read, kind in MEASURES:
         cells = [cell([read(run) for run in runs if run["variant"] == variant], kind) for variant in variants]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     seconds = [f"{statistics.mean(run['train_seconds'] for run in runs if run['variant'] == v):.0f}" for v in variants]
     lines.append("| train time per run (s) | " + " | ".join(seconds) + " |")
+    before = {int(seed): b for seed, b in before.items()}  # JSON keys are strings
     before_values = list(before.values())
     lines += ["", f"Warm-started models before RL (the same {args.test_problems} held-out problems x 4 samples): "
               "accuracy "
@@ -316,6 +318,11 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
               "supervised steps): " + ", ".join(f"{b['warm_start']['init_seed']}: {b['warm_start']['steps']}"
                                      + ("" if b["warm_start"]["reached"] else " (target missed)")
                                      for b in before_values) + "."]
+    missed = sorted(seed for seed, b in before.items() if not b["warm_start"]["reached"])
+    subsets = [("all seeds", seeds)]
+    if missed:  # reported, not dropped; shown without them too
+        subsets.append((f"without the seeds whose warm start missed its target ({', '.join(map(str, missed))})",
+                        [seed for seed in seeds if seed not in missed]))
     for other in variants:
         # FIPO arms against the DAPO arm that differs only by the weight; arms with another update count also
         # against the same method at the study's 8 updates per batch
@@ -324,12 +331,14 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
         for baseline in baselines:
             if baseline is None or baseline == other:
                 continue
-            lines += ["", f"{other} vs {baseline}, over {len(seeds)} seeds each (Welch's t-test; bootstrap over "
-                      "seeds):", "", SIGNIFICANCE_HEADER]
-            for label, read, kind in MEASURES[:7]:  # the weight rows are FIPO's alone
-                a = [read(run) for run in runs if run["variant"] == other]
-                b = [read(run) for run in runs if run["variant"] == baseline]
-                lines.append(significance_row(label, a, b, percent=kind == "percent"))
+            for subset, kept in subsets:
+                # every arm of a seed starts from that seed's warm start and sees the same prompts: paired tests
+                lines += ["", f"{other} − {baseline}, per seed, {subset} (paired tests over the seeds both arms "
+                          "ran):", "", PAIRED_HEADER]
+                for label, read, kind in MEASURES[:7]:  # the weight rows are FIPO's alone
+                    a, b = ({run["seed"]: read(run) for run in runs if run["variant"] == arm and run["seed"] in kept}
+                            for arm in (other, baseline))
+                    lines.append(paired_significance_row(label, a, b, percent=kind == "percent"))
     lines += ["", f"Wall time {wall / 60:.1f} min ({args.workers} runs in parallel on this machine)."]
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,10 @@
 """What the multi-seed comparisons share: running jobs in parallel worker processes and comparing two arms over seeds.
 
-Used by ``compare_fipo_dapo.py`` and ``long_reasoning_study.py``. The tests: Welch's t-test (unequal variances, over
-seeds) and a percentile bootstrap CI of the difference in means; with one value per seed and arm, n = the number of
-seeds, so five seeds detect only large effects, which the reports say.
+Used by ``compare_fipo_dapo.py`` and ``long_reasoning_study.py``. Where two arms share their seeds (the same warm
+start, prompts and order per seed) the design is paired, and the tests read it so: the per-seed differences, with
+the paired t-test, the Wilcoxon signed-rank test and a percentile bootstrap CI of their mean (resampling seeds).
+Unpaired comparisons keep Welch's t-test (unequal variances) and a bootstrap that resamples each arm on its own.
+With one value per seed and arm, n = the number of seeds, so a handful of seeds detects only large effects.
 """
 
 from __future__ import annotations
@@ -71,6 +73,57 @@ def significance_row(label: str, a: list[float], b: list[float], *, percent: boo
     verdict = "yes" if p < 0.05 else "no" if p == p else "n/a"  # p == p: not nan
     return f"| {label} | {show(difference)} | [{show(low)}, {show(high)}] | {t:.2f} | {p:.3f} | {verdict} |"
 
+
+def paired_t_test(differences: list[float]) -> tuple[float, float]:
+    """(t, two-sided p) of the paired t-test: t = mean(d) / (sd(d) / sqrt(n)) on n - 1 degrees of freedom; (nan, nan)
+    with fewer than 2 pairs or no spread."""
+    n = len(differences)
+    if n < 2 or statistics.stdev(differences) == 0:
+        return float("nan"), float("nan")
+    from scipy import stats
+
+    t = statistics.mean(differences) / (statistics.stdev(differences) / math.sqrt(n))
+    return t, float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def wilcoxon_p(differences: list[float]) -> float:
+    """Two-sided p of the Wilcoxon signed-rank test (zero differences dropped; exact for small samples without ties,
+    scipy's rule); nan when no difference is non-zero."""
+    if not any(differences):
+        return float("nan")
+    from scipy import stats
+
+    return float(stats.wilcoxon(differences).pvalue)
+
+
+def paired_bootstrap_ci(differences: list[float], *, level: float = 0.95, resamples: int = 10_000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean per-seed difference, resampling seeds (each keeps both of its arms)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.mean(rng.choices(differences, k=len(differences))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return means[int(tail * resamples)], means[min(resamples - 1, math.ceil((1 - tail) * resamples) - 1)]
+
+
+def paired_significance_row(label: str, a: dict, b: dict, *, percent: bool = False) -> str:
+    """A markdown row for arms that share seeds (``{seed: value}`` each): the mean of the per-seed differences a - b
+    over the seeds where both are defined, its paired bootstrap CI, the paired t-test, the Wilcoxon test, on how many
+    seeds a is ahead, and the verdict (paired t at 5 %)."""
+    differences = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())
+                   if a[seed] == a[seed] and b[seed] == b[seed]]  # both defined (not NaN)
+    if not differences:
+        return f"| {label} | n/a | 0 | n/a | n/a | n/a | n/a | n/a | n/a |"
+    show = (lambda v: f"{100 * v:+.1f} pt") if percent else (lambda v: f"{v:+.3f}")
+    low, high = paired_bootstrap_ci(differences)
+    t, p = paired_t_test(differences)
+    ahead = sum(d > 0 for d in differences)
+    verdict = "yes" if p < 0.05 else "no" if p == p else "n/a"
+    return (f"| {label} | {show(statistics.mean(differences))} | {len(differences)} | [{show(low)}, {show(high)}] | "
+            f"{t:.2f} | {p:.3f} | {wilcoxon_p(differences):.3f} | {ahead}/{len(differences)} | {verdict} |")
+
+
+PAIRED_HEADER = ("| quantity | mean difference | pairs | 95 % paired bootstrap CI | paired t | p (paired t) "
+                 "| p (Wilcoxon) | ahead on | significant at 5 % (paired t)? |\n|---|---|---|---|---|---|---|---|---|")
 
 SIGNIFICANCE_HEADER = ("| quantity | difference of means | 95 % bootstrap CI | Welch t | p (two-sided) "
                        "| significant at 5 %? |\n|---|---|---|---|---|---|")

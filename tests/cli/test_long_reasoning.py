@@ -131,3 +131,42 @@ def test_an_initialisation_that_misses_the_warm_start_target_is_replaced(monkeyp
     monkeypatch.setattr(task, "warm_start", lambda *a, seed, **k: (calls.append(seed), Path("w"), 100, False)[1:])
     _, info = task.prepare_model(tmp_path, seed=7, attempts=2)
     assert calls == [7, 1007] and info == {"init_seed": 1007, "steps": 100, "reached": False}  # kept, and reported
+
+
+def test_paired_t_test_matches_the_textbook_sleep_data_and_scipy():
+    from scipy import stats
+
+    # Student's sleep data (Cushny & Peebles): extra hours of sleep under two drugs for the same 10 patients. The
+    # textbook paired t-test gives t = 4.0621 on 9 degrees of freedom, two-sided p = 0.002833.
+    drug_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    drug_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    differences = [a - b for a, b in zip(drug_2, drug_1)]
+    t, p = seed_statistics.paired_t_test(differences)
+    assert t == pytest.approx(4.0621, abs=5e-5) and p == pytest.approx(0.002833, abs=5e-7)
+    reference = stats.ttest_rel(drug_2, drug_1)
+    assert t == pytest.approx(reference.statistic, rel=1e-12) and p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert seed_statistics.paired_t_test([0.5, 0.5, 0.5]) == pytest.approx((math.nan,) * 2, nan_ok=True)
+
+
+def test_wilcoxon_matches_exact_counts_worked_by_hand():
+    # n = 5 differences, all positive: W- = 0; of the 2^5 equally likely sign patterns only "all +" and "all -" are
+    # as extreme, so p = 2/32.
+    assert seed_statistics.wilcoxon_p([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
+    # n = 6, ranks 1..6, the rank-2 difference negative: W- = 2; sign patterns with a negative rank sum <= 2 are {},
+    # {1}, {2}: p = 2 x 3/64.
+    assert seed_statistics.wilcoxon_p([1, -2, 3, 4, 5, 6]) == pytest.approx(6 / 64)
+    assert math.isnan(seed_statistics.wilcoxon_p([0.0, 0.0]))
+
+
+def test_paired_bootstrap_resamples_seeds_and_rows_pair_by_seed():
+    differences = [1.0, 2.0, 3.0, 4.0]
+    low, high = seed_statistics.paired_bootstrap_ci(differences)
+    assert 1.0 <= low < 2.5 < high <= 4.0
+    assert seed_statistics.paired_bootstrap_ci([2.0] * 6) == (2.0, 2.0)  # no spread between seeds: no width
+    # rows pair values by seed, skip seeds either arm lacks or left undefined, and count who is ahead
+    a = {0: 0.9, 1: 0.8, 2: 0.7, 3: float("nan"), 4: 0.6}
+    b = {0: 0.8, 1: 0.85, 2: 0.6, 3: 0.5}
+    row = seed_statistics.paired_significance_row("accuracy", a, b, percent=True).split(" | ")
+    assert row[1] == f"{100 * statistics.mean([0.1, -0.05, 0.1]):+.1f} pt" and row[2] == "3" and row[7] == "2/3"
+    t, p = seed_statistics.paired_t_test([0.9 - 0.8, 0.8 - 0.85, 0.7 - 0.6])
+    assert row[4] == f"{t:.2f}" and row[5] == f"{p:.3f}"
