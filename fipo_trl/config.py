@@ -60,6 +60,19 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
                   "importance ratio > `delta`) from the loss, as the official code does."},
     )
 
+    fipo_inert_threshold: float = field(
+        default=0.05,
+        metadata={"help": "The trainer warns that FIPO has become DAPO in effect when, over a window of "
+                  "`fipo_inert_window` generation batches, fewer than this share of response tokens have a weight "
+                  "further than 1 % from 1 (`fipo/weight_changed_ratio`). 0 turns the warning off. Not in the "
+                  "paper; see docs/trainer.md for the figures behind the default."},
+    )
+    fipo_inert_window: int = field(
+        default=2,
+        metadata={"help": "Generation batches over which `fipo/weight_changed_ratio` is pooled for the "
+                  "FIPO-is-inert warning (`fipo_inert_threshold`)."},
+    )
+
     # GRPO fields whose defaults FIPO changes -------------------------------------------------------------------
     loss_type: str = field(
         default="bnpo",
@@ -117,6 +130,14 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
             raise ValueError(f"`fipo_updates_per_generation` = {self.fipo_updates_per_generation!r} is invalid: it "
                              "must be an integer >= 1. Use the official 8.")
         check_hyperparameters(**hyperparameters_from_config(self), prefix="fipo_")  # errors name the fields
+        threshold = self.fipo_inert_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"`fipo_inert_threshold` = {threshold!r} is invalid: it must be a share in [0, 1] "
+                             "(0 turns the FIPO-is-inert warning off; default 0.05).")
+        window = self.fipo_inert_window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"`fipo_inert_window` = {window!r} is invalid: it must be an integer >= 1 (generation "
+                             "batches; default 2).")
         check_trl_compatibility(self)
         self._check_generation_batches()
 

@@ -250,6 +250,7 @@ def metrics_from_stats(stats: dict[str, float | torch.Tensor]) -> dict[str, floa
         "IW_upper_clip_ratio": stats["n_upper_clipped"] / n,
         "IW_lower_clip_ratio": stats["n_lower_clipped"] / n,
         "IW_overall_clip_ratio": (stats["n_upper_clipped"] + stats["n_lower_clipped"]) / n,
+        "weight_changed_ratio": stats["n_weight_changed"] / n,  # ours, not official: FIPO's activity
         "neg_ratio_2_3": stats["n_neg_ratio_2_3"] / n,
         "neg_ratio_3_4": stats["n_neg_ratio_3_4"] / n,
         "neg_ratio_4_10": stats["n_neg_ratio_4_c"] / n,

@@ -115,6 +115,39 @@ def _non_finite_loss_message(loss: torch.Tensor, advantages: torch.Tensor, delta
             f"checkpoints are intact. Cause: {cause}.")
 
 
+class _InertFIPOWatch:
+    """Pools the weight stats over a window of generation batches and says when FIPO acts as DAPO: f so close to 1
+    on almost every token that the weight no longer changes the update (FIPOConfig.fipo_inert_threshold)."""
+
+    QUIET_WINDOWS = 10  # after a warning, the next this-many windows stay silent
+
+    def __init__(self, threshold: float, micro_batches_per_window: int):
+        self.threshold, self.window = threshold, micro_batches_per_window
+        self.sums = dict.fromkeys(("n_weight_changed", "n_tokens", "sum_weight", "n_upper_clipped"), 0.0)
+        self.seen = self.quiet = 0
+
+    def add(self, stats: dict[str, float]) -> dict[str, float] | None:
+        """Add one micro-batch's stats; return the window's figures when it closes inert and a warning is due."""
+        for key in self.sums:
+            self.sums[key] += stats[key]
+        self.seen += 1
+        if self.seen < self.window:
+            return None
+        tokens = self.sums["n_tokens"]
+        figures = {"changed": self.sums["n_weight_changed"] / max(tokens, 1.0),
+                   "mean": self.sums["sum_weight"] / max(tokens, 1.0),
+                   "at_cap": self.sums["n_upper_clipped"] / max(tokens, 1.0)}
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        self.seen = 0
+        if self.quiet:
+            self.quiet -= 1
+            return None
+        if tokens and figures["changed"] < self.threshold:
+            self.quiet = self.QUIET_WINDOWS
+            return figures
+        return None
+
+
 class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
     """Trainer for FIPO (arXiv 2603.19835). Use exactly like [`~trl.GRPOTrainer`], with a [`FIPOConfig`].
 
@@ -168,6 +201,11 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
         self.fipo_backend: str | None = None  # which path computes the weights: "triton", "cpu" or "torch"
+        # micro-batches of one generation batch: each is used steps_per_generation x num_iterations times
+        per_batch = self.args.steps_per_generation * self.args.num_iterations
+        self._fipo_inert_watch = (_InertFIPOWatch(self.args.fipo_inert_threshold,
+                                                  self.args.fipo_inert_window * per_batch)
+                                  if self.args.fipo_inert_threshold > 0 else None)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None,
@@ -252,8 +290,30 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             local = stack_stats(stats).to(self.accelerator.device, torch.float32)
             gathered = self.accelerator.gather(local[None]).view(-1, len(STAT_NAMES))
             stats = dict(zip(STAT_NAMES, reduce_row_stats(gathered).tolist()))  # one host transfer
+        if any(isinstance(v, torch.Tensor) for v in stats.values()):
+            stats = dict(zip(stats, stack_stats(stats).tolist()))  # one host transfer
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and self._fipo_inert_watch is not None:
+            self._warn_if_inert(self._fipo_inert_watch.add(stats))
         for name, value in metrics_from_stats(stats).items():
             if not math.isnan(value):  # an extremum of an empty set: left out of this step, not logged as None
                 self._metrics[mode][f"fipo/{name}"].append(value)
         self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: a fused kernel (Triton or C), 0: torch
+
+    def _warn_if_inert(self, figures: dict[str, float] | None) -> None:
+        if figures is None or not self.is_world_process_zero():
+            return
+        args = self.args
+        updates = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+        message = (
+            f"FIPO is close to inert: over the last {args.fipo_inert_window} generation batches only "
+            f"{figures['changed']:.1%} of response tokens had a weight f further than 1 % from 1 "
+            f"(fipo/weight_changed_ratio; the warning threshold fipo_inert_threshold is {args.fipo_inert_threshold:g})"
+            f", f mean {figures['mean']:.4f}, {figures['at_cap']:.1%} at the cap. The update is then nearly DAPO's. "
+            "What raises FIPO's activity (docs/trainer.md has measured figures): more optimizer updates per "
+            f"generation batch (now {updates:g}; fipo_updates_per_generation), a larger learning_rate (now "
+            f"{args.learning_rate:g}), or a longer Future-KL horizon fipo_decay_rate (now {args.fipo_decay_rate:g}). "
+            "Set fipo_inert_threshold=0 to silence this check."
+        )
+        warnings.warn(message, UserWarning, stacklevel=2)
+        logger.warning(message)

@@ -25,6 +25,9 @@ UNCAPPED_WEIGHT_MAX = 10.0  # §1.4: with clip_ratio = 0, f = min(exp F, 10)
 CLIP_COUNT_MARGIN = 1e-7  # a weight within this of a clip bound counts as clipped (IW_*_clip_ratio, official)
 NEG_RATIO_EDGES = (2.0, 3.0, 4.0)  # §1.9: the neg_ratio_2_3 / 3_4 / 4_10 histogram of negative samples
 POS_MINI_RATIO = 1e-3  # §1.9: pos_mini_frac counts positive samples with a ratio below this
+# A weight further than this from 1 counts as changed (fipo/weight_changed_ratio): FIPO's own activity measure. 1 % of
+# the advantage is below what a few updates of noise in the weights move (the toy runs' f stays within ~1 % of 1).
+WEIGHT_CHANGED_TOLERANCE = 0.01
 
 
 class Hyperparameters(NamedTuple):
@@ -100,6 +103,7 @@ ROW_STATS: tuple[tuple[str, str], ...] = (
     ("max_raw_weight", MAX),
     ("n_upper_clipped", SUM),  # f within CLIP_COUNT_MARGIN of the upper bound
     ("n_lower_clipped", SUM),
+    ("n_weight_changed", SUM),  # |f - 1| > WEIGHT_CHANGED_TOLERANCE
     ("n_neg_ratio_2_3", SUM),  # A < 0 and ratio in [2, 3)
     ("n_neg_ratio_3_4", SUM),
     ("n_neg_ratio_4_c", SUM),  # [4, delta)

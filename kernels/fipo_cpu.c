@@ -119,11 +119,12 @@ VECTOR_CLONES static int fipo_row(const float *logps, const float *old, const fl
         /* (c) weights, loss and the stats' chunk sums (response tokens, before the sequence filter) */
         float n_tokens = 0, n_dual = 0, chunk_loss = 0, neg_log_ratio = 0, sum_fkl = 0, n_active = 0;
         float n_filtered = 0, n_pg = 0, n_safety = 0, sum_w = 0, sum_raw = 0, n_upper = 0, n_lower = 0;
+        float n_changed = 0;
         float n23 = 0, n34 = 0, n4c = 0, n_mini = 0;
         float min_w = INFINITY, max_w = -INFINITY, min_raw = INFINITY, max_raw = -INFINITY;
         float max_neg = -INFINITY, max_pos = -INFINITY, min_pos = INFINITY;
 #pragma omp simd reduction(+ : n_tokens, n_dual, chunk_loss, neg_log_ratio, sum_fkl, n_active, n_filtered, n_pg, \
-                           n_safety, sum_w, sum_raw, n_upper, n_lower, n23, n34, n4c, n_mini) \
+                           n_safety, sum_w, sum_raw, n_upper, n_lower, n_changed, n23, n34, n4c, n_mini) \
                  reduction(min : min_w, min_raw, min_pos) reduction(max : max_w, max_raw, max_neg, max_pos)
         for (int i = 0; i < n; ++i) {
             const float on = ON[i], d = D[i], ratio = R[i], a = A[i], fkl = F[i];
@@ -160,6 +161,7 @@ VECTOR_CLONES static int fipo_row(const float *logps, const float *old, const fl
             min_raw = MIN(min_raw, on > 0.0f ? raw : INFINITY);
             max_raw = MAX(max_raw, on > 0.0f ? raw : -INFINITY);
             n_upper += w >= uca ? on : 0.0f;
+            n_changed += fabsf(w - 1.0f) > WEIGHT_CHANGED_TOLERANCE ? on : 0.0f;
             n_lower += w <= lca ? on : 0.0f;
             n23 += (ratio >= NEG_RATIO_EDGE_0) & (ratio < NEG_RATIO_EDGE_1) ? negative_adv : 0.0f;
             n34 += (ratio >= NEG_RATIO_EDGE_1) & (ratio < NEG_RATIO_EDGE_2) ? negative_adv : 0.0f;
@@ -183,6 +185,7 @@ VECTOR_CLONES static int fipo_row(const float *logps, const float *old, const fl
         s[COL_sum_future_kl] += sum_fkl; s[COL_n_active] += n_active; s[COL_n_filtered] += n_filtered;
         s[COL_n_pg_clipped] += n_pg; s[COL_n_safety] += n_safety; s[COL_sum_weight] += sum_w;
         s[COL_sum_raw_weight] += sum_raw; s[COL_n_upper_clipped] += n_upper; s[COL_n_lower_clipped] += n_lower;
+        s[COL_n_weight_changed] += n_changed;
         s[COL_n_neg_ratio_2_3] += n23; s[COL_n_neg_ratio_3_4] += n34; s[COL_n_neg_ratio_4_c] += n4c;
         s[COL_n_pos_mini] += n_mini;
         s[COL_min_weight] = MIN(s[COL_min_weight], min_w); s[COL_max_weight] = MAX(s[COL_max_weight], max_w);

@@ -22,6 +22,7 @@ from .common import (
     NEG_RATIO_EDGES,
     POS_MINI_RATIO,
     SAFETY_WEIGHT_RANGE,
+    WEIGHT_CHANGED_TOLERANCE,
     FIPOResult,
     Hyperparameters,
     needs_gradient,
@@ -246,6 +247,8 @@ def _stats(*, scratch, outside, mask_f, signed_tokens, row_tokens, n_final, keep
         "max_raw_weight": torch.where(any_token, max_future_kl.exp(), -inf) if not empty else -inf,
         "n_upper_clipped": count(indicator(weights, ">=", upper - CLIP_COUNT_MARGIN)),
         "n_lower_clipped": count(indicator(weights, "<=", lower + CLIP_COUNT_MARGIN)),
+        "n_weight_changed": (count(indicator(weights, ">", 1 + WEIGHT_CHANGED_TOLERANCE))
+                             + count(indicator(weights, "<", 1 - WEIGHT_CHANGED_TOLERANCE))),
         "n_neg_ratio_2_3": n_neg_2 - n_neg_3,
         "n_neg_ratio_3_4": n_neg_3 - n_neg_4,
         "n_neg_ratio_4_c": (n_neg_4 - n_neg_c).clamp(min=0),  # [4, c) is empty when c <= 4

@@ -45,6 +45,7 @@ from .common import (
     NEG_RATIO_EDGES,
     POS_MINI_RATIO,
     SAFETY_WEIGHT_RANGE,
+    WEIGHT_CHANGED_TOLERANCE,
     FIPOResult,
     Hyperparameters,
     needs_gradient,
@@ -137,6 +138,7 @@ if TRITON_AVAILABLE:
     _SAFETY_MIN, _SAFETY_MAX = (tl.constexpr(v) for v in SAFETY_WEIGHT_RANGE)
     _NEG_EDGE_0, _NEG_EDGE_1, _NEG_EDGE_2 = (tl.constexpr(v) for v in NEG_RATIO_EDGES)
     _POS_MINI_RATIO = tl.constexpr(POS_MINI_RATIO)
+    _WEIGHT_CHANGED_TOLERANCE = tl.constexpr(WEIGHT_CHANGED_TOLERANCE)
 
     @triton.jit
     def _discounted_combine(log2_decay_a, value_a, log2_decay_b, value_b):
@@ -220,6 +222,7 @@ if TRITON_AVAILABLE:
         max_raw = -inf
         n_upper = zero
         n_lower = zero
+        n_changed = zero
         n_neg_2_3 = zero
         n_neg_3_4 = zero
         n_neg_4_c = zero
@@ -290,6 +293,7 @@ if TRITON_AVAILABLE:
             max_raw = tl.maximum(max_raw, tl.max(tl.where(mask, raw, -inf), 0))
             n_upper += tl.sum((mask & (weight >= upper_clipped_at)).to(tl.float32), 0)
             n_lower += tl.sum((mask & (weight <= lower_clipped_at)).to(tl.float32), 0)
+            n_changed += tl.sum((mask & (tl.abs(weight - 1.0) > _WEIGHT_CHANGED_TOLERANCE)).to(tl.float32), 0)
             neg_mask = mask & negative_adv
             pos_mask = mask & positive_adv
             n_neg_2_3 += tl.sum((neg_mask & (ratio >= _NEG_EDGE_0) & (ratio < _NEG_EDGE_1)).to(tl.float32), 0)
@@ -319,6 +323,7 @@ if TRITON_AVAILABLE:
         tl.store(out + COLUMNS.max_raw_weight, max_raw)
         tl.store(out + COLUMNS.n_upper_clipped, n_upper)
         tl.store(out + COLUMNS.n_lower_clipped, n_lower)
+        tl.store(out + COLUMNS.n_weight_changed, n_changed)
         tl.store(out + COLUMNS.n_neg_ratio_2_3, n_neg_2_3)
         tl.store(out + COLUMNS.n_neg_ratio_3_4, n_neg_3_4)
         tl.store(out + COLUMNS.n_neg_ratio_4_c, n_neg_4_c)

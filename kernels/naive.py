@@ -28,6 +28,7 @@ from .common import (
     NEG_RATIO_EDGES,
     POS_MINI_RATIO,
     SAFETY_WEIGHT_RANGE,
+    WEIGHT_CHANGED_TOLERANCE,
     Hyperparameters,
     ordered_stats,
 )
@@ -176,6 +177,7 @@ def _reference_stats(s: dict[str, torch.Tensor], h: Hyperparameters) -> dict[str
         "max_raw_weight": highest(w_raw),
         "n_upper_clipped": count(on & (w >= upper - CLIP_COUNT_MARGIN)),
         "n_lower_clipped": count(on & (w <= lower + CLIP_COUNT_MARGIN)),
+        "n_weight_changed": count(on & ((w - 1).abs() > WEIGHT_CHANGED_TOLERANCE)),
         "n_neg_ratio_2_3": count(negative & (ratio >= two) & (ratio < three)),
         "n_neg_ratio_3_4": count(negative & (ratio >= three) & (ratio < four)),
         "n_neg_ratio_4_c": count(negative & (ratio >= four) & (ratio < h.delta)),
