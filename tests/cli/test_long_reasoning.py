@@ -102,7 +102,8 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
         image = matplotlib_image.imread(tmp_path / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
     table = (tmp_path / "study.md").read_text()
-    assert "| measure | grpo | dapo | fipo |" in table and "fipo vs dapo" in table and "Welch t" in table
+    assert "| measure | grpo (2 seeds) | dapo (2 seeds) | fipo (2 seeds) |" in table
+    assert "fipo − dapo, per seed, all seeds" in table and "p (Wilcoxon)" in table and "Welch" not in table
     data = json.loads((tmp_path / "study.json").read_text())
     assert sorted((run["variant"], run["seed"]) for run in data["runs"]) == sorted(
         (variant, seed) for variant in ("grpo", "dapo", "fipo") for seed in (0, 1))
@@ -114,6 +115,35 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
     page = pages[0].read_text()
     assert read_influence_html(page) and "prompt</span>sum one" in page and "reference <b>" in page
     assert "reward " in page and 'class="swatch"' in page
+    # every run was kept in its own file as it ended: the same command again trains nothing and reports the same runs
+    kept = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    assert kept == sorted([f"{v}-seed{s}.json" for v in ("grpo", "dapo", "fipo") for s in (0, 1)]
+                          + ["before-seed0.json", "before-seed1.json"])
+    (tmp_path / "study.md").unlink()
+    again = subprocess.run([sys.executable, str(REPO / "examples" / "long_reasoning_study.py"), "--quick",
+                            "--output_dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and " s, held-out accuracy" not in again.stdout  # no run trained again
+    assert (tmp_path / "study.md").read_text().split("Wall time")[0] == table.split("Wall time")[0]
+
+
+@pytest.mark.slow
+def test_fipo_activity_quick_run_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "fipo_activity.py"), "--quick", "--models",
+                             "toy", "--output_dir", str(tmp_path), "--workdir", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "activity.json").read_text())
+    assert [r["name"] for r in data] == ["toy, 2 updates"] and len(data[0]["per_update"]) == data[0]["steps"] == 16
+    assert "| toy, 2 updates | 16 |" in (tmp_path / "activity.md").read_text()
+
+
+def test_activity_figures_count_response_tokens_only():
+    activity = pytest.importorskip("fipo_activity")
+    weights = torch.tensor([[1.0, 1.2, 1.03, 1.005], [1.2, 1.2, 1.2, 1.2]])
+    mask = torch.tensor([[True, True, True, True], [False, False, False, False]])
+    figures = activity.updates_figures(weights, mask, cap=1.2)
+    assert figures == pytest.approx({"tokens": 4.0, "f_mean": (1 + 1.2 + 1.03 + 1.005) / 4, "at_cap": 0.25,
+                                     "changed_1pct": 0.5, "changed_5pct": 0.25})
 
 
 def test_an_initialisation_that_misses_the_warm_start_target_is_replaced(monkeypatch, tmp_path):
