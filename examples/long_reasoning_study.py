@@ -427,15 +427,19 @@ def main(argv=None):
         todo = [(variant, seed) for seed in args.seeds for variant in args.variants
                 if not os.path.exists(run_file(args.output_dir, variant, seed))]
         before_path = lambda seed: os.path.join(args.output_dir, "runs", f"before-seed{seed}.json")  # noqa: E731
-        warm = run_jobs(warm_start_and_keep, [
-            (before_path(seed), seed, workdir, args.max_warm_start_steps, args.warm_start_attempts,
-             args.test_problems, args.warm_start_target, args.warm_start_check_every)
-            for seed in dict.fromkeys(seed for _, seed in todo)], args.workers)
-        models = {seed: path for seed, path, _ in warm}
-        jobs = [(run_file(args.output_dir, variant, seed), variant, seed, models[seed], args.max_steps,
-                 args.logging_steps, influence_dir if (variant, seed) == ("fipo", args.seeds[0]) else None,
-                 args.test_problems) for variant, seed in todo]
-        run_jobs(train_and_keep, jobs, args.workers)
+        pending = list(dict.fromkeys(seed for _, seed in todo))
+        # a few seeds at a time (as many as workers), so that finished runs reach the disk early in a long study
+        for first in range(0, len(pending), args.workers):
+            seeds = pending[first:first + args.workers]
+            warm = run_jobs(warm_start_and_keep, [
+                (before_path(seed), seed, workdir, args.max_warm_start_steps, args.warm_start_attempts,
+                 args.test_problems, args.warm_start_target, args.warm_start_check_every) for seed in seeds],
+                args.workers)
+            models = {seed: path for seed, path, _ in warm}
+            jobs = [(run_file(args.output_dir, variant, seed), variant, seed, models[seed], args.max_steps,
+                     args.logging_steps, influence_dir if (variant, seed) == ("fipo", args.seeds[0]) else None,
+                     args.test_problems) for variant, seed in todo if seed in models]
+            run_jobs(train_and_keep, jobs, args.workers)
     wall = time.perf_counter() - start
     runs, before = [], {}
     for seed in args.seeds:
