@@ -73,7 +73,8 @@ PANELS = [
     ("fipo/influence_weights_mean", "FIPO weight f: mean"),
     ("fipo/IW_upper_clip_ratio", "FIPO weight f: share at the cap"),
 ]
-KEPT_METRICS = {"step", *(key for key, _ in PANELS), "fipo/future_kl_mean", "fipo/active", "reward"}
+KEPT_METRICS = {"step", *(key for key, _ in PANELS), "fipo/future_kl_mean", "fipo/active", "fipo/weight_changed_ratio",
+                "reward"}
 TEST_PROBLEMS, TEST_SEED, TRAIN_PROMPTS = 512, 10_000, 8192
 DEFAULT_OUTPUT_DIR = "outputs/long-reasoning"
 
