@@ -10,6 +10,9 @@ from trl import GRPOConfig
 from fipo_trl.dynamic_sampling import DynamicSamplingConfig
 from fipo_trl.kernels.common import DEFAULTS
 from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters, hyperparameters_from_config
+from fipo_trl.versions import check_installed_versions
+
+check_installed_versions()  # a TRL/transformers outside the supported range fails here, before any model loads
 
 
 @dataclass
@@ -24,6 +27,86 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
 
     Unlike GRPOConfig, the defaults make several optimizer updates per generation batch: with exactly one, pi_theta
     equals pi_old at every update, every weight is 1, and FIPO is DAPO.
+
+    Using [`~transformers.HfArgumentParser`] (or the `fipo-trl` command) this class becomes command-line arguments.
+    "32B" and "7B" below are the paper's Qwen2.5-32B launcher and Qwen2.5-Math-7B (Table 3) recipes; the step numbers
+    (§N) refer to docs/algorithm.md.
+
+    Parameters:
+        > Parameters that control the FIPO influence weight
+
+        fipo_decay_rate (`float`, *optional*, defaults to `32.0`):
+            Future-KL decay rate tau: gamma = 2^(-1/tau), so a future token's log-ratio counts half after tau tokens
+            (§1.3). 32B: `32.0`; 7B: `32.0` (the paper ablates 8/32/128/256).
+        fipo_clip_ratio (`float`, *optional*, defaults to `0.2`):
+            Clip range epsilon_f of the influence weight f = clip(exp(F)) (§1.4): f in [1, 1 + epsilon_f] when
+            `fipo_clip_high_only`, else [1 - epsilon_f, 1 + epsilon_f]. `0` means the official uncapped
+            min(exp(F), 10). 32B: `0.2`; 7B: `0.2`.
+        fipo_clip_high_only (`bool`, *optional*, defaults to `True`):
+            Whether the weight is clipped to [1, 1 + `fipo_clip_ratio`] (tokens are only ever up-weighted) or to
+            [1 - `fipo_clip_ratio`, 1 + `fipo_clip_ratio`]. 32B: `True`; 7B: `False`.
+        fipo_safety_threshold (`float`, *optional*, defaults to `10.0`):
+            Safety rule (§1.5): for a token with negative advantage and importance ratio above this threshold, the
+            weight is clamped into [0.8, 1]. `float("inf")` switches the rule off. 32B: `10.0`; 7B: `3.0`.
+        fipo_sequence_filter (`bool`, *optional*, defaults to `True`):
+            Whether a completion with more than one dual-clipped token (negative advantage, importance ratio >
+            `delta`) is dropped from the loss, as the official code does (§1.7). 32B and 7B: `True`.
+
+        > Parameters that control the updates per generation batch
+
+        fipo_updates_per_generation (`int`, *optional*, defaults to `8`):
+            Optimizer updates per generation batch when neither `steps_per_generation` nor `generation_batch_size` is
+            set: `steps_per_generation` becomes this times `gradient_accumulation_steps`. With `1`, FIPO equals DAPO
+            (every weight is 1). 32B and 7B: `8` (8 mini-batches of 64 prompts per rollout of 512, §2.1).
+
+        > Parameters that control the FIPO-is-inert warning (not in the paper)
+
+        fipo_inert_threshold (`float`, *optional*, defaults to `0.05`):
+            The trainer warns that FIPO has become DAPO in effect when, over `fipo_inert_window` generation batches,
+            fewer than this share of response tokens have a weight further than 1 % from 1
+            (`fipo/weight_changed_ratio`). `0` turns the warning off.
+        fipo_inert_window (`int`, *optional*, defaults to `2`):
+            Generation batches over which `fipo/weight_changed_ratio` is pooled for the FIPO-is-inert warning.
+
+        > Parameters that control dynamic sampling (DAPO's filter_groups, §2.2)
+
+        dynamic_sampling (`bool`, *optional*, defaults to `False`):
+            Whether prompt groups whose rewards all agree (advantage 0) are dropped and fresh groups generated until
+            the generation batch is full again. Needs `scale_rewards` `"group"` or `"none"`. 32B and 7B: on (the
+            recipes in examples/recipes/ set it).
+        dynamic_sampling_max_retries (`int`, *optional*, defaults to `10`):
+            With `dynamic_sampling`: at most this many extra generation batches per step; a batch still short is
+            filled with uniform groups at advantage 0 (logged as `dynamic_sampling/filled_groups`). 32B and 7B: `39`
+            (the official 10 generation batches of 4 train batches each).
+        dynamic_sampling_metric (`str`, *optional*):
+            With `dynamic_sampling`: the reward function (by name, e.g. `"math_verify_reward"`) whose values decide
+            whether a group is uniform. `None`: the weighted sum of all rewards. 32B and 7B: the correctness reward
+            (the official `acc`), without the overlong penalty.
+
+        > GRPOConfig parameters whose defaults FIPO changes
+
+        loss_type (`str`, *optional*, defaults to `"bnpo"`):
+            Loss normalisation. `"bnpo"` is the official FIPO one (§1.8): a token mean per micro-batch divided by the
+            gradient-accumulation steps, with completions dropped by the sequence filter removed from numerator and
+            denominator. Every other TRL loss type works too (docs/loss_types.md); there a dropped completion leaves
+            the numerator only. 32B and 7B: `"bnpo"`.
+        delta (`float`, *optional*, defaults to `10.0`):
+            Dual-clip constant c (§1.2, §1.6, §1.7): it caps the importance ratio in the loss of negative-advantage
+            tokens, leaves tokens with ratio > c out of the Future-KL, and drives the sequence filter. Must be > 1 +
+            `epsilon_high`. 32B and 7B: `10.0`.
+        epsilon (`float`, *optional*, defaults to `0.2`):
+            Lower PPO clip epsilon: the ratio is clipped at 1 - `epsilon`. 32B and 7B: `0.2`.
+        epsilon_high (`float`, *optional*, defaults to `0.28`):
+            Upper PPO clip epsilon (DAPO's clip-higher): the ratio is clipped at 1 + `epsilon_high`. 32B and 7B:
+            `0.28`.
+        beta (`float`, *optional*, defaults to `0.0`):
+            KL coefficient against a reference model. 32B and 7B: `0.0` (no KL loss, no reference model).
+        vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
+            TRL's correction of the vLLM sampler/trainer mismatch. The official recipe has none (pi_old is recomputed
+            by the training model); set `True` to use TRL's correction with vLLM generation.
+        bf16 (`bool`, *optional*):
+            Unset, it follows the hardware: on where a GPU supports bfloat16, off on a CPU-only machine (where TRL's
+            default `True` would fail).
     """
 
     # FIPO fields ---------------------------------------------------------------------------------------------
@@ -139,20 +222,6 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
             raise ValueError(f"`fipo_inert_window` = {window!r} is invalid: it must be an integer >= 1 (generation "
                              "batches; default 2).")
         check_trl_compatibility(self)
-        self._check_generation_batches()
-
-    def _check_generation_batches(self) -> None:
-        """Optimizer steps must not straddle generation batches: each update then sees one pi_old, and the updates
-        per generation batch (the card's figure, the Future-KL's reach) is a whole number."""
-        micro_steps = self.steps_per_generation * self.num_iterations  # micro-steps that use one generation batch
-        window = self.gradient_accumulation_steps  # micro-steps per optimizer step
-        if micro_steps % window and window % micro_steps:
-            raise ValueError(
-                f"`steps_per_generation` = {self.steps_per_generation} (x `num_iterations` = {self.num_iterations}) "
-                f"is not a multiple of `gradient_accumulation_steps` = {window}: optimizer steps would straddle "
-                f"generation batches ({micro_steps / window:g} updates per generation batch). Fix: leave "
-                "steps_per_generation and generation_batch_size unset (FIPO then makes fipo_updates_per_generation "
-                f"updates per batch), or set steps_per_generation to a multiple of {window}, e.g. {2 * window}.")
 
     def __getstate__(self):
         # The Hub token is a secret, but transformers pickles the training arguments into training_args.bin in
@@ -161,6 +230,19 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         state = self.__dict__.copy()
         state["hub_token"] = None
         return state
+
+    @property
+    def fipo_updates_per_generation_batch(self) -> float:
+        """Optimizer updates per generation batch. Fractional when optimizer steps straddle generation batches
+        (e.g. steps_per_generation 4 x num_iterations 2 over gradient_accumulation_steps 3: 8/3); FIPO stays exact
+        there, since each micro-batch carries the pi_old of its own generation batch."""
+        return self.steps_per_generation * self.num_iterations / self.gradient_accumulation_steps
+
+    @property
+    def fipo_straddles_generation_batches(self) -> bool:
+        """True when some optimizer step takes micro-batches from two generation batches."""
+        micro_steps, window = self.steps_per_generation * self.num_iterations, self.gradient_accumulation_steps
+        return micro_steps % window != 0 and window % micro_steps != 0
 
     @property
     def fipo_is_degenerate(self) -> bool:
@@ -173,7 +255,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
 def check_trl_compatibility(args) -> None:
     """Settings FIPO cannot serve; checked by FIPOConfig and again by FIPOTrainer. FIPO only multiplies each token's
     advantage by its weight f > 0, so every TRL loss type and both importance-sampling levels are well defined
-    (docs/configuration.md gives the loss per type); an unknown one would fail late in TRL, so it fails here."""
+    (docs/loss_types.md gives the loss per type); an unknown one would fail late in TRL, so it fails here."""
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
         raise ValueError(f"`loss_type` = {args.loss_type!r} is not a TRL loss type. Use one of "
                          f"{list(SUPPORTED_LOSS_TYPES)} ('bnpo' reproduces the official per-micro-batch token mean).")
