@@ -4,9 +4,11 @@
 first use.
 """
 
+from importlib.metadata import version as _version
+
 from .loss import FIPOLossOutput, FIPOWeights, fipo_loss, fipo_weights
 
-__version__ = "0.1.0"
+__version__ = _version("fipo_trl")  # written once, in pyproject.toml
 
 _LAZY = {"FIPOConfig": "config", "FIPOTrainer": "trainer"}
 

@@ -5,7 +5,7 @@ TRL runs inside it (``_get_per_token_logps_and_entropies``) yields log pi_theta,
 the detached weights f, and the copy's advantages become the (B, T) tensor A * f before TRL reads them. Everything
 else (loss types, PPO and dual clipping via ``delta``, vLLM IS correction, KL, entropy terms, metrics) is TRL's own.
 If TRL ever reads the advantages before that forward pass, or skips it, training stops with an error instead of
-silently running GRPO.
+silently running TRL's loss without the weights (with FIPOConfig's official settings: DAPO).
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ from fipo_trl.hub import HubResilienceMixin
 from fipo_trl.kernels.common import LOG_RATIO_CLAMP, STAT_NAMES, reduce_row_stats
 from fipo_trl.loss import fipo_weights, hyperparameters_from_config, metrics_from_stats, stack_stats
 from fipo_trl.model_card import render_model_card
+from fipo_trl.versions import supported_range
 
 logger = logging.get_logger(__name__)
 
 _HOOK_BROKEN = (
     "FIPOTrainer's loss hook {what}. FIPOTrainer relies on GRPOTrainer._compute_loss running the policy forward "
     "pass (_get_per_token_logps_and_entropies) before it reads inputs['advantages']; this TRL version does not, "
-    "so FIPO weights cannot be applied. Install the TRL version fipo_trl supports (trl>=1.16,<1.17)."
+    "so FIPO weights cannot be applied. Install a TRL version fipo_trl supports ({trl_range})."
 )
+
+
+def _hook_broken(what: str) -> RuntimeError:
+    return RuntimeError(_HOOK_BROKEN.format(what=what, trl_range=supported_range("trl")))
 
 
 class _MicroBatch(dict):
@@ -44,7 +49,7 @@ class _MicroBatch(dict):
 
     def _guard(self, key):
         if key == "advantages" and not self.weighted:
-            raise RuntimeError(_HOOK_BROKEN.format(what="saw the advantages read before the forward pass"))
+            raise _hook_broken("saw the advantages read before the forward pass")
 
     def __getitem__(self, key):
         self._guard(key)
@@ -149,14 +154,52 @@ class _InertFIPOWatch:
 
 
 class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
-    """Trainer for FIPO (arXiv 2603.19835). Use exactly like [`~trl.GRPOTrainer`], with a [`FIPOConfig`].
+    """
+    Trainer for Future-KL Influenced Policy Optimization (FIPO), proposed in the paper [FIPO: Eliciting Deep Reasoning
+    with Future-KL Influenced Policy Optimization](https://huggingface.co/papers/2603.19835). It is
+    [`~trl.GRPOTrainer`] in which each completion token's advantage is multiplied by a detached influence weight f
+    before TRL's loss reads it; everything else (loss types, clipping, KL, vLLM, metrics) is TRL's.
 
-    Loss normalisation: with ``loss_type="bnpo"`` (FIPOConfig's default) each micro-batch contributes the token mean
-    of its kept tokens divided by the gradient-accumulation steps, the official verl rule. The sequence filter removes
-    a dropped completion from the numerator (its advantages become 0) and, for ``bnpo``, from the denominator too:
-    the kept completions' advantages are scaled by (response tokens) / (kept tokens) of the micro-batch, which is
-    exact because the PPO-clip loss is positively homogeneous in the advantage. For ``dapo``, ``grpo`` and
-    ``dr_grpo`` a dropped completion leaves the numerator only.
+    Example:
+
+    ```python
+    >>> from fipo_trl import FIPOTrainer
+    >>> from trl.rewards import accuracy_reward
+    >>> from datasets import load_dataset
+
+    >>> dataset = load_dataset("trl-lib/DeepMath-103K", split="train")
+
+    >>> trainer = FIPOTrainer(
+    ...     model="Qwen/Qwen2.5-0.5B-Instruct",
+    ...     reward_funcs=accuracy_reward,
+    ...     train_dataset=dataset,
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args:
+        model, reward_funcs, train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks,
+        optimizers, peft_config, ...:
+            As for [`~trl.GRPOTrainer`], which receives them unchanged. `train_dataset` is checked before the model
+            loads: it needs a `"prompt"` column and, unless it is streamed, at least one generation batch of prompts
+            (`generation_batch_size / num_generations`).
+        args ([`FIPOConfig`], *optional*):
+            Configuration for this trainer; a [`~trl.GRPOConfig`] is refused with the fix (use `FIPOConfig`, which
+            takes the same arguments). If `None`, a default `FIPOConfig` (the official 32B recipe) is used. A config
+            that gives one optimizer update per generation batch, where every weight is 1 and FIPO is DAPO, is
+            warned about at init.
+
+    Differences from [`~trl.GRPOTrainer`], all documented in docs/trainer.md:
+
+    - the loss: with `loss_type="bnpo"` (FIPOConfig's default) each micro-batch contributes the token mean of its
+      kept tokens divided by the gradient-accumulation steps, the official rule; a completion dropped by the sequence
+      filter leaves the numerator and, for `"bnpo"`, the denominator (the kept completions' advantages are scaled by
+      response tokens / kept tokens, exact because the PPO-clip loss is positively homogeneous in the advantage);
+    - the log-ratio TRL exponentiates is clamped to +-20, as in the official loss, and a non-finite loss stops
+      training before the optimizer step;
+    - the `fipo/*` metrics, `trainer.fipo_backend` (the compute path: `"c"`, `"torch"` or `"triton"`) and
+      `trainer.fipo_last_batch` (for callbacks);
+    - dynamic sampling, checkpoints that survive a crash mid-save, Hub outages as warnings, and the FIPO model card.
     """
 
     _tag_names = ["trl", "grpo", "fipo"]
@@ -197,7 +240,20 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             )
             warnings.warn(message, UserWarning, stacklevel=2)
             logger.warning(message)
+        if args.fipo_straddles_generation_batches:
+            message = (
+                f"Optimizer steps straddle generation batches: steps_per_generation ({args.steps_per_generation}) x "
+                f"num_iterations ({args.num_iterations}) is not a multiple of gradient_accumulation_steps "
+                f"({args.gradient_accumulation_steps}), so each generation batch gets "
+                f"{args.fipo_updates_per_generation_batch:.3g} optimizer updates and some updates mix micro-batches "
+                "of two generation batches. FIPO's weights stay exact (each micro-batch uses its own pi_old); only "
+                "the updates per generation batch are fractional. For a whole number, set steps_per_generation to a "
+                "multiple of gradient_accumulation_steps, or leave it unset (fipo_updates_per_generation)."
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        self._fipo_loss_hooked = False  # set by _compute_loss, checked by compute_loss: TRL still calls the hook
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
         self.fipo_backend: str | None = None  # which path computes the weights: "triton", "cpu" or "torch"
@@ -225,8 +281,8 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
         loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
         if not self._fipo_loss_hooked:  # e.g. a TRL version whose Liger loss path skips _compute_loss
-            raise RuntimeError(_HOOK_BROKEN.format(what="was bypassed: GRPOTrainer.compute_loss did not call "
-                                                        "_compute_loss (is use_liger_kernel's fused loss on?)"))
+            raise _hook_broken("was bypassed: GRPOTrainer.compute_loss did not call _compute_loss (is "
+                               "use_liger_kernel's fused loss on?)")
         return loss
 
     def _compute_loss(self, model, inputs):
@@ -238,7 +294,7 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
         finally:
             self._fipo_pending = None
         if not batch.weighted:
-            raise RuntimeError(_HOOK_BROKEN.format(what="never ran: no policy forward pass happened in _compute_loss"))
+            raise _hook_broken("never ran: no policy forward pass happened in _compute_loss")
         if not torch.isfinite(loss):  # before backward: a NaN/inf step would poison every weight
             raise FloatingPointError(_non_finite_loss_message(loss, dict.__getitem__(batch, "advantages"),
                                                               self.args.delta))
