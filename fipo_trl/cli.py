@@ -30,6 +30,7 @@ from trl import (
 
 from fipo_trl.config import FIPOConfig
 from fipo_trl.hub import warn_hub_failure
+from fipo_trl.kernels.env import check_environment, show_traceback
 
 # The embedded default when no model is named (no --model_name_or_path, no --config); flags still win.
 EMBEDDED_DEFAULTS = dict(
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     (``FIPO_TRL_TRACEBACK=1`` shows the full traceback instead)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        check_environment()  # a bad FIPO_TRL_* value fails here, before anything loads
         if argv and argv[0] == "eval":
             from fipo_trl.evaluation import main as evaluate_main
 
@@ -276,7 +278,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(argv[1:] if argv and argv[0] == "train" else argv)
     except ValueError as error:
-        if os.environ.get("FIPO_TRL_TRACEBACK") == "1":  # the full traceback, e.g. for an error from deep inside
+        try:
+            full = show_traceback()
+        except ValueError:  # the bad value is the error being reported
+            full = False
+        if full:  # the full traceback, e.g. for an error from deep inside
             raise
         print(f"fipo-trl: error: {error}", file=sys.stderr)
         sys.exit(2)

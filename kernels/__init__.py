@@ -6,6 +6,7 @@
 - ``fipo_cpu.c`` / ``fipo_cpu.py``: the fused C kernel, compiled on first use (the CPU path).
 - ``fipo_triton.py``: the fused Triton kernel (the CUDA path); importable without triton or a GPU.
 - ``scan.py``: the blocked discounted reverse scan of the torch path.
+- ``env.py``: the ``FIPO_TRL_*`` environment variables, one reader each (docs/environment.md).
 - ``naive.py``: the official algorithm written out in float64 (the test oracle) and as the official code runs it (the
   benchmark's baseline).
 """

@@ -15,7 +15,7 @@ The shared object is built with the system C compiler (``$CC``, split like a she
 ``$FIPO_TRL_CACHE`` (default ``~/.cache/fipo_trl``), named by a hash of the source, compiler command, flags, CPU
 architecture and the compiler's target and version; concurrent processes (DDP ranks) each compile in a scratch
 directory and rename the result into place. Without a compiler, or with ``FIPO_TRL_CPU_KERNEL=0``,
-``cpu_kernel_usable()`` is False and ``fipo_loss(backend="auto")`` takes the torch path; ``cpu_kernel_status()``
+``c_kernel_usable()`` is False and ``fipo_loss(backend="auto")`` takes the torch path; ``c_kernel_status()``
 says why.
 
 Loading a shared object runs its code, so a cached build is loaded only when this process can trust it: the cache
@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from . import env
 from .common import (
     IDENTITY,
     LOG_RATIO_CLAMP,
@@ -74,7 +75,6 @@ CHUNK_SIZE = 256  # tokens the kernel handles per step of a row (its CHUNK)
 # may be loaded by another CPU model: the source picks AVX2 at run time instead). -fno-trapping-math only lets the
 # comparisons become vector selects (it ignores FP exception flags, which nothing reads).
 BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
-CC_TIMEOUT = 120.0  # seconds for one compiler call (FIPO_TRL_CC_TIMEOUT overrides); a build takes about one second
 _MAX_LIBRARY_BYTES = 64 << 20  # far above a real build (~50 KB): refuse to read anything bigger
 _RECORD_SUFFIX = ".sha256"  # the sidecar holding the library's sha256, written with it at build time
 
@@ -104,8 +104,8 @@ def contract_header() -> str:
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("FIPO_TRL_CACHE"):
-        return Path(os.environ["FIPO_TRL_CACHE"])
+    if env.cache_dir() is not None:
+        return env.cache_dir()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fipo_trl"
 
 
@@ -123,13 +123,6 @@ def _compiler() -> tuple[list[str] | None, str]:
     if program is None:
         return None, f"no C compiler found: CC={cc!r}: {words[0]!r} not found"
     return [program, *words[1:]], ""
-
-
-def _cc_timeout() -> float:
-    try:
-        return float(os.environ.get("FIPO_TRL_CC_TIMEOUT", CC_TIMEOUT))
-    except ValueError:
-        return CC_TIMEOUT
 
 
 def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -373,14 +366,14 @@ def _load(command: list[str], identity: str, timeout: float) -> ctypes.CDLL | No
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     global _status
-    if os.environ.get("FIPO_TRL_CPU_KERNEL", "1") == "0":
-        _status = "disabled by FIPO_TRL_CPU_KERNEL=0"
+    if not env.cpu_kernel_enabled():
+        _status = f"disabled by FIPO_TRL_CPU_KERNEL={os.environ['FIPO_TRL_CPU_KERNEL']}"
         return None
     command, why = _compiler()
     if command is None:
         _status = why
         return None
-    timeout = _cc_timeout()
+    timeout = env.cc_timeout()
     try:
         library = _load(command, _compiler_identity(command, timeout), timeout)
     except subprocess.TimeoutExpired as error:
@@ -396,13 +389,13 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def cpu_kernel_usable() -> bool:
-    """Whether the fused CPU kernel is built (or builds now) and loads in this process."""
+def c_kernel_usable() -> bool:
+    """Whether the fused C kernel is built (or builds now) and loads in this process."""
     return _library() is not None
 
 
-def cpu_kernel_status() -> str:
-    """How the fused CPU kernel was built, or why it is not available."""
+def c_kernel_status() -> str:
+    """How the fused C kernel was built, or why it is not available."""
     _library()
     return _status
 
@@ -414,8 +407,8 @@ def _as_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.float32).contiguous()
 
 
-def compute_cpu(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                hyperparameters: Hyperparameters, *, with_loss: bool = True) -> FIPOResult:
+def compute_c(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              hyperparameters: Hyperparameters, *, with_loss: bool = True) -> FIPOResult:
     """FIPO (docs/algorithm.md §1) in one C pass; same inputs and result as ``fipo_torch.compute_torch``.
 
     Computes in float32 (bf16/fp16/fp32 inputs; row sums in float64); the gradient w.r.t. logps comes back in logps'
@@ -425,12 +418,12 @@ def compute_cpu(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     """
     library = _library()
     if library is None:
-        raise RuntimeError(f"fipo_trl: the fused CPU kernel is not available ({_status}). Use backend='torch'.")
+        raise RuntimeError(f"fipo_trl: the fused C kernel is not available ({_status}). Use backend='torch'.")
     if logps.device.type != "cpu":
-        raise RuntimeError(f"fipo_trl: the fused CPU kernel runs on CPU tensors, got {logps.device}. Use "
+        raise RuntimeError(f"fipo_trl: the fused C kernel runs on CPU tensors, got {logps.device}. Use "
                            "backend='auto' (Triton on CUDA) or backend='torch'.")
     if logps.dtype == torch.float64:
-        raise TypeError("fipo_trl: the fused CPU kernel computes in float32; float64 inputs (the reference dtype) "
+        raise TypeError("fipo_trl: the fused C kernel computes in float32; float64 inputs (the reference dtype) "
                         "go through backend='torch'.")
     needs_grad = needs_gradient(logps, with_loss)
     B, T = logps.shape
@@ -457,4 +450,4 @@ def compute_cpu(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
                             stats_on_host=True)
 
 
-__all__ = ["CHUNK_SIZE", "compute_cpu", "contract_header", "cpu_kernel_status", "cpu_kernel_usable"]
+__all__ = ["CHUNK_SIZE", "c_kernel_status", "c_kernel_usable", "compute_c", "contract_header"]

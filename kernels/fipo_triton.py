@@ -38,6 +38,7 @@ import types
 
 import torch
 
+from . import env
 from .common import (
     COLUMN,
     LOG_RATIO_CLAMP,
@@ -77,7 +78,7 @@ TARGET_PROGRAMS_PER_SM = 4
 CHUNKED_MIN_ROW_LENGTH = 8192
 MAX_CARRY_BLOCK_SIZE = 1024  # chunks per block of the carry scan and the rows pass (1M tokens in chunks of 1024)
 FP_FUSION = False  # see the module docstring
-VARIANTS = ("auto", "row", "chunk")
+VARIANTS = env.TRITON_VARIANTS  # ("auto", "row", "chunk")
 VARIANT_ENV = "FIPO_TRL_TRITON_VARIANT"  # forces "row" or "chunk" for every call left at "auto" (benchmarks)
 
 
@@ -423,9 +424,7 @@ def _resolve_variant(variant: str, B: int, T: int, device: torch.device) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"fipo_trl: Triton `variant` = {variant!r} is invalid: use one of {VARIANTS}.")
     if variant == "auto":
-        variant = os.environ.get(VARIANT_ENV, "auto") or "auto"
-        if variant not in VARIANTS:
-            raise ValueError(f"fipo_trl: {VARIANT_ENV}={variant!r} is invalid: use one of {VARIANTS}.")
+        variant = env.triton_variant()
     if variant != "auto":
         return variant
     return choose_variant(B, T, _multiprocessors(device) if device.type == "cuda" else None)
