@@ -81,8 +81,8 @@ def hyperparameters_from_config(args) -> dict:
 
 def _as_number(value) -> float | None:
     """A plain float from an int, a float, a numpy scalar or a one-element tensor; None for anything else."""
-    if isinstance(value, torch.Tensor):
-        return float(value) if value.numel() == 1 and value.dtype != torch.bool else None
+    if isinstance(value, torch.Tensor):  # a meta tensor has no value to read
+        return float(value) if value.numel() == 1 and value.dtype != torch.bool and not value.is_meta else None
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, numpy.bool_)):
         return float(value)
     return None
@@ -160,6 +160,10 @@ def _check_tensors(logps, old_logps, advantages, mask, caller: str) -> None:
     for arg, value in (("logps", logps), ("old_logps", old_logps), ("advantages", advantages), ("mask", mask)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{caller}: `{arg}` must be a torch.Tensor, got {type(value).__name__}.")
+        if value.is_meta:
+            raise ValueError(f"{caller}: `{arg}` is a meta tensor (a shape and a dtype, no values), so nothing can be "
+                             "computed from it. Fix: pass tensors that hold data (materialise the model's weights "
+                             "before computing log-probs).")
     if logps.dim() != 2:
         raise ValueError(f"{caller}: `logps` must be (B, T), got shape {tuple(logps.shape)}.")
     if not logps.is_floating_point():
@@ -180,6 +184,17 @@ def _check_tensors(logps, old_logps, advantages, mask, caller: str) -> None:
         if value.device != logps.device:
             raise ValueError(f"{caller}: `{arg}` is on {value.device} but `logps` is on {logps.device}; "
                              "move all inputs to one device.")
+
+
+def _checked_mask(mask: torch.Tensor, caller: str) -> torch.Tensor:
+    """A 0/1 mask as bool; any other value (0.5, -1, NaN: all once read as 1) is an error. One comparison."""
+    as_bool = mask != 0
+    if torch.equal(as_bool.to(mask.dtype), mask):  # NaN never equals itself, so it fails here too
+        return as_bool
+    bad = mask[as_bool & (mask != 1)]
+    raise ValueError(f"{caller}: `mask` must hold only 0 and 1 (or be a bool tensor), but {bad.numel()} entries are "
+                     f"not, e.g. {bad[0].item()!r}; a value other than 0 would be read as 1. Fix: pass the response "
+                     "mask as a bool tensor or 0/1 values (e.g. `(mask > 0.5)` if it holds weights).")
 
 
 def _check_finite(logps, old_logps, advantages, mask) -> None:
@@ -272,7 +287,8 @@ def _compute(logps, old_logps, advantages, mask, given: Hyperparameters, backend
     a dict and the path's name."""
     h = _checked_hyperparameters(**given._asdict())
     _check_tensors(logps, old_logps, advantages, mask, caller)
-    mask = mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype != torch.bool:
+        mask = _checked_mask(mask, caller)
     chosen = resolve_backend(backend, logps, caller)
     if chosen != "cpu":  # the C kernel checks finiteness in its own pass
         _check_finite(logps, old_logps, advantages, mask)

@@ -81,7 +81,7 @@ def test_yes_no_variables_refuse_anything_else(monkeypatch, value):
 def test_cpu_kernel_off_in_words_takes_the_torch_path(monkeypatch, fresh_loader):
     monkeypatch.setenv("FIPO_TRL_CPU_KERNEL", "Off")
     assert fipo_loss(*random_batch(2, 8, seed=0)).backend == "torch"
-    assert fipo_cpu.cpu_kernel_status() == "disabled by FIPO_TRL_CPU_KERNEL=Off"
+    assert fipo_cpu.c_kernel_status() == "disabled by FIPO_TRL_CPU_KERNEL=Off"
 
 
 def test_triton_variant_and_cache_folder(monkeypatch):
