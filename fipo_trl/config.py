@@ -10,6 +10,7 @@ from trl import GRPOConfig
 from fipo_trl.dynamic_sampling import DynamicSamplingConfig
 from fipo_trl.kernels.common import DEFAULTS
 from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters, hyperparameters_from_config
+from fipo_trl.reward_checks import check_reward_timeout
 from fipo_trl.versions import check_installed_versions
 
 check_installed_versions()  # a TRL/transformers outside the supported range fails here, before any model loads
@@ -67,6 +68,13 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
             (`fipo/weight_changed_ratio`). `0` turns the warning off.
         fipo_inert_window (`int`, *optional*, defaults to `2`):
             Generation batches over which `fipo/weight_changed_ratio` is pooled for the FIPO-is-inert warning.
+
+        > Parameters that control the reward functions
+
+        reward_func_timeout_seconds (`float`, *optional*):
+            Wall-clock limit of one call of a reward function (one call scores a whole batch of completions): a call
+            that overruns stops training with an error naming the function, instead of hanging it. `None`: no limit.
+            At most a day. Not in the paper.
 
         > Parameters that control dynamic sampling (DAPO's filter_groups, §2.2)
 
@@ -142,6 +150,12 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         metadata={"help": "Drop a completion with more than one dual-clipped token (negative advantage and "
                   "importance ratio > `delta`) from the loss, as the official code does."},
     )
+    reward_func_timeout_seconds: float | None = field(
+        default=None,
+        metadata={"help": "Wall-clock limit of one call of a reward function (it scores a whole batch): a call that "
+                  "overruns stops training with an error naming the function instead of hanging it. None: no "
+                  "limit; at most a day."},
+    )
 
     fipo_inert_threshold: float = field(
         default=0.05,
@@ -213,6 +227,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
             raise ValueError(f"`fipo_updates_per_generation` = {self.fipo_updates_per_generation!r} is invalid: it "
                              "must be an integer >= 1. Use the official 8.")
         check_hyperparameters(**hyperparameters_from_config(self), prefix="fipo_")  # errors name the fields
+        check_reward_timeout(self.reward_func_timeout_seconds)
         threshold = self.fipo_inert_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"`fipo_inert_threshold` = {threshold!r} is invalid: it must be a share in [0, 1] "

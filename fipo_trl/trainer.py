@@ -24,8 +24,10 @@ from fipo_trl.config import FIPOConfig, check_trl_compatibility
 from fipo_trl.dynamic_sampling import DynamicSamplingMixin
 from fipo_trl.hub import HubResilienceMixin
 from fipo_trl.kernels.common import LOG_RATIO_CLAMP, STAT_NAMES, reduce_row_stats
+from fipo_trl.kernels.env import check_environment
 from fipo_trl.loss import fipo_weights, hyperparameters_from_config, metrics_from_stats, stack_stats
 from fipo_trl.model_card import render_model_card
+from fipo_trl.reward_checks import CheckedReward, checked_reward
 from fipo_trl.versions import supported_range
 
 logger = logging.get_logger(__name__)
@@ -226,6 +228,7 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             raise TypeError(f"FIPOTrainer needs `args` to be a FIPOConfig, got a {kind}. Replace GRPOConfig(...) with "
                             "fipo_trl.FIPOConfig(...): it takes the same arguments plus the FIPO fields.")
         check_trl_compatibility(args)
+        check_environment()  # a bad FIPO_TRL_* value fails here, not at the first loss
         _check_train_dataset(kwargs["train_dataset"] if "train_dataset" in kwargs else (pargs[0] if pargs else None),
                              args)
         if args.fipo_is_degenerate:
@@ -253,6 +256,10 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             warnings.warn(message, UserWarning, stacklevel=2)
             logger.warning(message)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        # Callable reward functions run checked and under the time limit (reward_checks.py); reward models are TRL's.
+        self.reward_funcs = [func if isinstance(func, torch.nn.Module)
+                             else checked_reward(func, name, self.args.reward_func_timeout_seconds)
+                             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)]
         self._fipo_loss_hooked = False  # set by _compute_loss, checked by compute_loss: TRL still calls the hook
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
@@ -275,6 +282,27 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
         card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags,
                                  eval_results=eval_results)
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        unchecked = [name for func, name in zip(self.reward_funcs, self.reward_func_names)
+                     if not isinstance(func, (CheckedReward, torch.nn.Module))]
+        calls = {name: func.calls for func, name in zip(self.reward_funcs, self.reward_func_names)
+                 if isinstance(func, CheckedReward)}
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        unchecked += [name for func, name in zip(self.reward_funcs, self.reward_func_names)
+                      if isinstance(func, CheckedReward) and func.calls == calls[name]]
+        if unchecked:
+            raise RuntimeError(f"FIPOTrainer's reward checks did not run for {unchecked}: this TRL version calls the "
+                               "reward functions some other way, so non-finite or malformed rewards and the time "
+                               "limit would go unchecked. Install the TRL version fipo_trl supports "
+                               "(trl>=1.16,<1.17).")
+        if rewards_per_func.numel() and torch.isnan(rewards_per_func).all():  # gathered: the same on every process
+            raise ValueError(f"Every reward function ({', '.join(self.reward_func_names)}) returned None for all "
+                             f"{len(rewards_per_func)} completions of this batch: every advantage would be 0 and the "
+                             "step would train on nothing. Fix: give the dataset the columns the reward functions "
+                             "read (e.g. 'solution' or 'answer' for math_verify_reward), or return a number for the "
+                             "completions they can score.")
+        return rewards_per_func
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._fipo_loss_hooked = False

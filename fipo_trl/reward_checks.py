@@ -1,0 +1,125 @@
+"""Reward functions as FIPOTrainer calls them: under an optional time limit per call, with their output checked.
+
+TRL turns each reward function's list into a tensor, and the rewards into advantages, without looking at them: an
+infinite reward made its group's advantages 0 or NaN (a run that trained on nothing, with exit status 0), a string
+failed inside ``torch.tensor`` ("too many dimensions 'str'"), a bare number in a list comprehension, and a function
+that never returned hung training forever. FIPOTrainer wraps every callable reward function (sync or async, as TRL
+tells them apart) in a :class:`CheckedReward`; each of those cases is then an error naming the function and the
+completion. What TRL receives are the checked rewards: floats, and None for "no reward from this function".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import numbers
+import threading
+import time
+from collections.abc import Iterable
+
+import numpy
+import torch
+from trl.trainer.utils import is_async_callable
+
+MAX_TIMEOUT_SECONDS = 24 * 3600.0  # a day: a longer limit is a mistake (and overflows the thread and asyncio waits)
+
+
+def check_reward_timeout(value) -> float | None:
+    """FIPOConfig.reward_func_timeout_seconds: None, or a number of seconds > 0 and <= a day."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not 0 < value <= MAX_TIMEOUT_SECONDS):
+        raise ValueError(f"`reward_func_timeout_seconds` = {value!r} is invalid: it must be a number of seconds > 0 "
+                         f"and <= {MAX_TIMEOUT_SECONDS:g}, or None for no limit. Fix: set the longest one call of a "
+                         "reward function may take, e.g. 600.")
+    return float(value)
+
+
+class CheckedReward:
+    """A sync reward function, checked (see the module docstring). ``calls`` counts its calls."""
+
+    def __init__(self, func, name: str, timeout_seconds: float | None = None):
+        self.func, self.__name__, self.timeout_seconds = func, name, timeout_seconds
+        self.calls = 0
+
+    def __call__(self, **kwargs) -> list[float | None]:
+        self.calls += 1
+        if self.timeout_seconds is None:
+            return self.checked(self.func(**kwargs), kwargs)
+        # In a daemon thread, so that a call that never returns can be abandoned (a thread cannot be killed).
+        outcome, grad_enabled = {}, torch.is_grad_enabled()
+
+        def run():
+            try:
+                with torch.set_grad_enabled(grad_enabled):  # the caller's mode (a new thread starts with grad on)
+                    outcome["rewards"] = self.func(**kwargs)
+            except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+                outcome["error"] = error
+
+        worker = threading.Thread(target=run, name=f"reward function {self.__name__}", daemon=True)
+        worker.start()
+        worker.join(self.timeout_seconds)
+        if worker.is_alive():
+            raise TimeoutError(self._timeout_message(kwargs))
+        if "error" in outcome:
+            raise outcome["error"]
+        return self.checked(outcome["rewards"], kwargs)
+
+    def _timeout_message(self, kwargs) -> str:
+        return (f"reward function {self.__name__!r} did not return within reward_func_timeout_seconds = "
+                f"{self.timeout_seconds:g} s (one call scores {len(kwargs.get('prompts') or ())} completions); it "
+                "may be stuck (a network call, a lock, an endless loop). Fix: make it return, or raise "
+                "reward_func_timeout_seconds.")
+
+    def checked(self, output, kwargs) -> list[float | None]:
+        """``output`` as a list of finite floats and Nones, one per completion; else an error naming the function
+        and the completion."""
+        name, prompts = self.__name__, kwargs.get("prompts")
+        expected = "one reward per completion" + ("" if prompts is None else f" ({len(prompts)} here)")
+        if isinstance(output, (torch.Tensor, numpy.ndarray)) and output.ndim == 1:
+            output = output.tolist()
+        if isinstance(output, (str, bytes, dict, set, frozenset)) or not isinstance(output, Iterable):
+            raise TypeError(f"reward function {name!r} returned {output!r:.80} (a {type(output).__name__}), not a "
+                            f"list of rewards: it must return {expected}, each a number or None. Fix: return a list, "
+                            "e.g. [score(c) for c in completions].")
+        output = list(output)
+        if prompts is not None and len(output) != len(prompts):
+            raise ValueError(f"reward function {name!r} returned {len(output)} rewards; it must return {expected}.")
+        rewards = []
+        for i, value in enumerate(output):
+            where = f"completion {i}" + ("" if prompts is None else f" (prompt {str(prompts[i])!r:.60})")
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"reward function {name!r} returned {value!r:.80} (a {type(value).__name__}) for "
+                                f"{where}: each reward must be a number, or None to leave the completion out of this "
+                                "reward. Fix: return float(...).")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"reward function {name!r} returned {value} for {where}: rewards must be finite "
+                                 "(an infinite reward makes the advantages of its group 0 or NaN: the run trains "
+                                 "on nothing). Fix: return a finite number, or None to leave the completion out of "
+                                 "this reward.")
+            rewards.append(None if value is None else float(value))
+        return rewards
+
+
+class CheckedAsyncReward(CheckedReward):
+    """An async reward function, checked; TRL awaits it on its event loop, and the time limit is asyncio's."""
+
+    async def __call__(self, **kwargs) -> list[float | None]:
+        self.calls += 1
+        start = time.monotonic()
+        try:
+            output = await asyncio.wait_for(self.func(**kwargs), self.timeout_seconds)  # None: no limit
+        except TimeoutError:
+            if self.timeout_seconds is None or time.monotonic() - start < self.timeout_seconds:
+                raise  # the function's own timeout, not ours
+            raise TimeoutError(self._timeout_message(kwargs)) from None
+        return self.checked(output, kwargs)
+
+
+def checked_reward(func, name: str, timeout_seconds: float | None = None) -> CheckedReward:
+    """``func`` wrapped by :class:`CheckedReward`, or by :class:`CheckedAsyncReward` when it is async (TRL awaits
+    those)."""
+    return (CheckedAsyncReward if is_async_callable(func) else CheckedReward)(func, name, timeout_seconds)

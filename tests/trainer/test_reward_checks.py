@@ -1,0 +1,155 @@
+"""Reward functions that misbehave: each is an error naming the function (and the completion), not a hang, a run
+that trains on nothing, or a crash inside torch.tensor. Through TRL's own GRPOTrainer._calculate_rewards, sync and
+async."""
+
+import asyncio
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fipo_trl import FIPOConfig, FIPOTrainer
+from fipo_trl._tiny import tiny_prompt_dataset
+from fipo_trl.reward_checks import CheckedAsyncReward, CheckedReward
+
+N = 4  # completions per reward call in these tests
+
+
+def make_trainer(model_path, tmp_path, reward_funcs, **overrides):
+    args = FIPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=N, num_generations=N,
+                      max_completion_length=4, report_to="none", max_steps=1, fipo_updates_per_generation=2,
+                      logging_steps=1, save_strategy="no", **overrides)
+    return FIPOTrainer(model=model_path, reward_funcs=reward_funcs, args=args, train_dataset=tiny_prompt_dataset(8))
+
+
+def rewards_of(trainer):
+    """TRL's _calculate_rewards on N rows, as its generate-and-score step calls it."""
+    prompts = [f"prompt {i}" for i in range(N)]
+    inputs = [{"prompt": p, "answer": str(i)} for i, p in enumerate(prompts)]
+    return trainer._calculate_rewards(inputs, prompts, [f"completion {i}" for i in range(N)], [[1, 2]] * N)
+
+
+def constant(value):
+    def reward(completions, **kwargs):
+        return [value] * len(completions)
+
+    return reward
+
+
+def one_bad(value, row=2):
+    def odd_reward(completions, **kwargs):
+        return [value if i == row else 1.0 for i in range(len(completions))]
+
+    return odd_reward
+
+
+def async_version(func):
+    async def async_reward(completions, **kwargs):
+        await asyncio.sleep(0)
+        return func(completions, **kwargs)
+
+    return async_reward
+
+
+@pytest.fixture
+def trainer_with(tiny_model_path, tmp_path):
+    return lambda *funcs, **overrides: make_trainer(tiny_model_path, tmp_path, list(funcs), **overrides)
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, async_version], ids=["sync", "async"])
+@pytest.mark.parametrize(("value", "match"), [
+    (math.inf, r"returned inf for completion 2 \(prompt 'prompt 2'\): rewards must be finite"),
+    (-math.inf, "returned -inf for completion 2"),
+    (math.nan, "returned nan for completion 2"),
+    ("1.0", r"returned '1.0' \(a str\) for completion 2 .*a number, or None"),
+    ([1.0], r"returned \[1.0\] \(a list\) for completion 2"),
+    (True, r"returned True \(a bool\) for completion 2"),
+])
+def test_a_bad_reward_names_the_function_and_the_completion(trainer_with, wrap, value, match):
+    func = wrap(one_bad(value))
+    func.__name__ = "odd_reward"
+    trainer = trainer_with(func)
+    with pytest.raises((ValueError, TypeError), match=f"reward function 'odd_reward' {match}"):
+        rewards_of(trainer)
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, async_version], ids=["sync", "async"])
+@pytest.mark.parametrize("output", [0.5, "1.0", None, {"a": 1.0}])
+def test_a_reward_function_must_return_a_list(trainer_with, wrap, output):
+    trainer = trainer_with(wrap(lambda completions, **kwargs: output))
+    with pytest.raises(TypeError, match=r"reward function '.*' returned .*not a list of rewards: it must return one "
+                                        r"reward per completion \(4 here\)"):
+        rewards_of(trainer)
+
+
+def test_good_rewards_of_every_numeric_kind_pass_and_none_stays_none(trainer_with):
+    kinds = [lambda completions, **k: [1, 0.5, np.float32(0.25), None],
+             lambda completions, **k: np.array([1.0, 2.0, 3.0, 4.0]),
+             lambda completions, **k: torch.tensor([1.0, 2.0, 3.0, 4.0]),
+             lambda completions, **k: (torch.tensor(1.0), 2, 3, 4)]
+    rewards = rewards_of(trainer_with(*kinds))
+    assert rewards.shape == (N, 4) and math.isnan(rewards[3, 0])
+    assert rewards[:3, 0].tolist() == [1.0, 0.5, 0.25] and rewards[:, 1].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_all_none_for_the_whole_batch_is_an_error_but_some_none_is_not(trainer_with):
+    with pytest.raises(ValueError, match=r"Every reward function \(reward, reward\) returned None for all 4 "
+                                         r"completions.*Fix"):
+        rewards_of(trainer_with(constant(None), constant(None)))
+    assert rewards_of(trainer_with(constant(None), one_bad(None))).isnan().sum() == N + 1
+
+
+@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
+def test_a_reward_function_that_never_returns_is_stopped_by_the_time_limit(trainer_with, async_):
+    if async_:
+        async def stuck_reward(completions, **kwargs):
+            await asyncio.sleep(3600)
+    else:
+        def stuck_reward(completions, **kwargs):
+            time.sleep(3600)
+
+    trainer = trainer_with(stuck_reward, reward_func_timeout_seconds=0.3)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"reward function 'stuck_reward' did not return within "
+                                           r"reward_func_timeout_seconds = 0.3 s.*Fix"):
+        rewards_of(trainer)
+    assert time.monotonic() - start < 30
+
+
+def test_under_the_time_limit_errors_and_grad_mode_reach_the_caller(trainer_with):
+    def failing_reward(completions, **kwargs):
+        raise KeyError("solution")
+
+    def grad_mode_reward(completions, **kwargs):
+        return [float(torch.is_grad_enabled())] * len(completions)
+
+    with pytest.raises(KeyError, match="solution"):
+        rewards_of(trainer_with(failing_reward, reward_func_timeout_seconds=5))
+    with torch.no_grad():
+        assert rewards_of(trainer_with(grad_mode_reward, reward_func_timeout_seconds=5)).sum() == 0
+
+
+def test_async_functions_stay_async_and_a_broken_hook_is_reported(trainer_with):
+    trainer = trainer_with(constant(1.0), async_version(constant(2.0)))
+    assert [type(f) for f in trainer.reward_funcs] == [CheckedReward, CheckedAsyncReward]
+    assert rewards_of(trainer).tolist() == [[1.0, 2.0]] * N
+    trainer.reward_funcs[0] = trainer.reward_funcs[0].func  # as if TRL called the functions some other way
+    with pytest.raises(RuntimeError, match=r"reward checks did not run for \['reward'\]"):
+        rewards_of(trainer)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 0.0, -1.0, 1e12, "10"])
+def test_the_time_limit_is_validated_in_the_config(tmp_path, value):
+    with pytest.raises(ValueError, match=r"`reward_func_timeout_seconds` = .* is invalid"):
+        FIPOConfig(output_dir=str(tmp_path), reward_func_timeout_seconds=value)
+    assert FIPOConfig(output_dir=str(tmp_path), reward_func_timeout_seconds=600).reward_func_timeout_seconds == 600
+
+
+def test_an_infinite_reward_stops_training_instead_of_training_at_loss_0(trainer_with):
+    """It used to zero its group's advantages: the run "trained" at loss 0 and exited 0."""
+    trainer = trainer_with(constant(math.inf))
+    with pytest.raises(ValueError, match="reward function 'reward' returned inf for completion 0"):
+        trainer.train()
+    assert trainer.state.global_step == 0
