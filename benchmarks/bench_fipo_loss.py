@@ -8,7 +8,7 @@ Methods, B = 8, fp32, each forward+backward with the metrics where the method ha
       (chunk 128) on a log-ratio that still requires grad (docs/algorithm.md §1.3)
   (b) official, detached: the same on a detached log-ratio
   (c) fipo_loss(backend="torch"): our O(T) torch path (validation and metrics included)
-  (c') fipo_loss(backend="cpu"): the fused C kernel, what fipo_loss runs on CPU (validation and metrics included;
+  (c') fipo_loss(backend="c"): the fused C kernel, what fipo_loss runs on CPU (validation and metrics included;
        its own memory outside torch, 8 KiB of stack, is not in the probe)
   (d) fipo_loss(backend="triton"): the fused kernel (CUDA only)
   (e) DAPO: TRL's plain token-level clipped loss on the same tensors (the floor)
@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from fipo_trl import fipo_loss
-from fipo_trl.kernels import cpu_kernel_usable, official_fipo_loss, triton_usable
+from fipo_trl.kernels import c_kernel_usable, triton_usable
+from fipo_trl.kernels.naive import official_fipo_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' memory probe, shared
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_report's bytes-per-token count, shared
@@ -62,7 +63,7 @@ def run_step(method, batch):
     leaf = logps.detach().clone().requires_grad_()
     if method.startswith("official"):  # the 32B recipe, the official defaults
         loss = official_fipo_loss(leaf, old, adv, mask, detach_log_ratio=method == "official_detached")
-    elif method in ("fipo_torch", "fipo_triton", "fipo_cpu"):
+    elif method in ("fipo_torch", "fipo_triton", "fipo_c"):
         out = fipo_loss(leaf, old, adv, mask, backend=method.split("_")[1])
         loss = out.loss
         out.metrics  # noqa: B018 (formed on first access: part of the cost)
@@ -136,13 +137,13 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     methods = ["official", "official_detached", "fipo_torch"]
-    if device.type == "cpu" and cpu_kernel_usable():
-        methods.append("fipo_cpu")
+    if device.type == "cpu" and c_kernel_usable():
+        methods.append("fipo_c")
     if triton_usable(device) and device.type == "cuda":
         methods.append("fipo_triton")
     methods.append("dapo")
     labels = {"official": "(a) official, grad log-ratio", "official_detached": "(b) official, detached",
-              "fipo_torch": "(c) fipo_loss torch path", "fipo_cpu": "(c') fipo_loss C kernel",
+              "fipo_torch": "(c) fipo_loss torch path", "fipo_c": "(c') fipo_loss C kernel",
               "fipo_triton": "(d) fipo_loss triton", "dapo": "(e) TRL DAPO"}
 
     results = {}  # (method, T) -> (seconds, bytes)

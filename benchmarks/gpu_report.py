@@ -279,7 +279,8 @@ def algorithms_section(deadline: float):
     import torch
     from triton.testing import do_bench
 
-    from fipo_trl.kernels import DEFAULTS, compute_torch, compute_triton, official_fipo_loss
+    from fipo_trl.kernels import DEFAULTS, compute_torch, compute_triton
+    from fipo_trl.kernels.naive import official_fipo_loss
 
     def triton_step(logps, old, adv, mask):
         leaf = logps.detach().requires_grad_()

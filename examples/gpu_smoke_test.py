@@ -96,8 +96,8 @@ def run_kernel_check() -> None:
     gradient and weights only, every clip mode; counts and the sequence filter exactly."""
     import torch
 
-    from fipo_trl.kernels import Hyperparameters, fipo_loss_naive
-    from fipo_trl.kernels.fipo_triton import compute_triton
+    from fipo_trl.kernels import Hyperparameters, compute_triton
+    from fipo_trl.kernels.naive import fipo_loss_naive
 
     worst = 0.0
     for variant, B, T in KERNEL_CASES:

@@ -12,20 +12,20 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy
 import torch
 
+from fipo_trl.kernels import c_kernel_usable, compute_c, compute_torch, compute_triton, triton_usable
 from fipo_trl.kernels.common import DEFAULTS, MASKED_MEAN_EPS, Hyperparameters, non_finite_error
-from fipo_trl.kernels.fipo_cpu import compute_cpu, cpu_kernel_usable
-from fipo_trl.kernels.fipo_torch import compute_torch
-from fipo_trl.kernels.fipo_triton import compute_triton, triton_usable
 
 # TRL's loss types; FIPO weights the advantage each of them reads (FIPOTrainer), so all are supported.
 SUPPORTED_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo")
-BACKENDS = ("auto", "cpu", "torch", "triton")
-COMPUTE_PATHS = {"cpu": compute_cpu, "torch": compute_torch, "triton": compute_triton}
+BACKENDS = ("auto", "c", "torch", "triton")
+COMPUTE_PATHS = {"c": compute_c, "torch": compute_torch, "triton": compute_triton}
+DEPRECATED_BACKENDS = {"cpu": "c"}  # 0.1.0's name of the C kernel; accepted with a warning until 0.3.0
 # The hyperparameters FIPOConfig spells with a ``fipo_`` prefix; the others are GRPOConfig's own fields.
 FIPO_SPECIFIC = ("decay_rate", "clip_ratio", "clip_high_only", "safety_threshold")
 
@@ -40,7 +40,7 @@ class FIPOWeights:
     keep: (B,) bool, False for responses dropped by the sequence filter (> 1 dual-clipped token).
     stats: the sums, counts and extrema the metrics are formed from (``fipo_trl.kernels.common.ROW_STATS``; what
         the trainer reduces across ranks): 0-dim tensors, or Python floats from the C kernel.
-    backend: the compute path that ran: "triton" (fused kernel, CUDA), "cpu" (fused C kernel) or "torch".
+    backend: the compute path that ran: "triton" (fused kernel, CUDA), "c" (fused C kernel) or "torch".
     metrics (formed from ``stats`` on first access): the official metric names (§1.9) plus ``future_kl_mean``,
         ``active``, ``filtered_ratio``, ``safety_ratio`` and ``dropped_seq_ratio``; Python floats, NaN for an
         extremum of an empty set.
@@ -218,6 +218,11 @@ def resolve_backend(backend: str, logps: torch.Tensor, caller: str = "fipo_loss"
     """"auto": the fused Triton kernels for CUDA tensors when Triton is installed, the fused C kernel for CPU tensors
     when it builds, else the torch path. Float64 is the reference dtype and always runs in torch (the fused kernels
     compute in float32)."""
+    if backend in DEPRECATED_BACKENDS:
+        warnings.warn(f"{caller}: backend={backend!r} is deprecated and will be removed in 0.3.0: use "
+                      f"backend={DEPRECATED_BACKENDS[backend]!r} (the fused C kernel).", DeprecationWarning,
+                      stacklevel=4)  # the caller of fipo_loss / fipo_weights
+        backend = DEPRECATED_BACKENDS[backend]
     if backend not in BACKENDS:
         raise ValueError(f"{caller}: `backend` = {backend!r} is invalid: use one of {BACKENDS}.")
     if backend != "auto":
@@ -226,7 +231,7 @@ def resolve_backend(backend: str, logps: torch.Tensor, caller: str = "fipo_loss"
         return "torch"
     if logps.is_cuda:
         return "triton" if triton_usable(logps.device) else "torch"
-    return "cpu" if logps.device.type == "cpu" and cpu_kernel_usable() else "torch"
+    return "c" if logps.device.type == "cpu" and c_kernel_usable() else "torch"
 
 
 def stack_stats(stats: dict[str, float | torch.Tensor]) -> torch.Tensor:
@@ -290,7 +295,7 @@ def _compute(logps, old_logps, advantages, mask, given: Hyperparameters, backend
     if mask.dtype != torch.bool:
         mask = _checked_mask(mask, caller)
     chosen = resolve_backend(backend, logps, caller)
-    if chosen != "cpu":  # the C kernel checks finiteness in its own pass
+    if chosen != "c":  # the C kernel checks finiteness in its own pass
         _check_finite(logps, old_logps, advantages, mask)
     return COMPUTE_PATHS[chosen](logps, old_logps, advantages, mask, h, with_loss=with_loss)._asdict(), chosen
 
@@ -325,7 +330,7 @@ def fipo_weights(
             sequence filter (a response with > 1 token with A < 0 and ratio > c is dropped).
         epsilon, epsilon_high: the PPO clip range [1 - epsilon, 1 + epsilon_high].
         backend: "auto" (CUDA tensors: the fused Triton kernel when available; CPU tensors: the fused C kernel
-            when it builds; otherwise, and for float64, the torch path), "cpu", "torch",
+            when it builds; otherwise, and for float64, the torch path), "c" ("cpu" before 0.2, deprecated), "torch",
             or "triton" (explicit, for tests and benchmarks; on CPU tensors only under TRITON_INTERPRET=1, else a
             RuntimeError). ``.backend`` of the result says which path ran.
 

@@ -263,7 +263,7 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
         self._fipo_loss_hooked = False  # set by _compute_loss, checked by compute_loss: TRL still calls the hook
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
-        self.fipo_backend: str | None = None  # which path computes the weights: "triton", "cpu" or "torch"
+        self.fipo_backend: str | None = None  # which path computes the weights: "triton", "c" or "torch"
         # micro-batches of one generation batch: each is used steps_per_generation x num_iterations times
         per_batch = self.args.steps_per_generation * self.args.num_iterations
         self._fipo_inert_watch = (_InertFIPOWatch(self.args.fipo_inert_threshold,
@@ -358,7 +358,7 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             weighted = weighted * row_scale[:, None]
         batch["advantages"] = weighted.to(advantages.dtype)
         batch.weighted = True
-        self._log_fipo_metrics(out.stats, fused=out.backend in ("triton", "cpu"))
+        self._log_fipo_metrics(out.stats, fused=out.backend in ("triton", "c"))
         if self.fipo_backend != out.backend:
             self.fipo_backend = out.backend
             logger.info(f"FIPO weights are computed by the {out.backend} path on {logps.device}.")

@@ -98,16 +98,16 @@ VECTOR_CLONES static int fipo_row(const float *logps, const float *old, const fl
 #pragma omp simd reduction(+ : bad_ratio, bad_adv)
         for (int i = 0; i < n; ++i) {
             const float on = ON[i], a = A[i];
-            const float raw_delta = logps[lo + i] - old[lo + i];
-            bad_ratio += raw_delta != raw_delta ? on : 0.0f;
+            const float raw_log_ratio = logps[lo + i] - old[lo + i];
+            bad_ratio += raw_log_ratio != raw_log_ratio ? on : 0.0f;
             bad_adv += fabsf(a) <= 3.40282347e38f ? 0.0f : on;
-            const float d = on > 0.0f ? MIN(MAX(raw_delta, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP) : 0.0f;
+            const float d = on > 0.0f ? MIN(MAX(raw_log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP) : 0.0f;
             const float ratio = exp_f32(d);
             D[i] = d;
             R[i] = ratio;
             X[i] = ratio <= c ? d : 0.0f;  /* d = 0 off the response */
             A[i] = on > 0.0f ? a : 0.0f;  /* where, not *: NaN advantages at padding stay out */
-            LIVE[i] = fabsf(raw_delta) <= LOG_RATIO_CLAMP ? on : 0.0f;  /* the clamp passes gradient */
+            LIVE[i] = fabsf(raw_log_ratio) <= LOG_RATIO_CLAMP ? on : 0.0f;  /* the clamp passes gradient */
         }
         non_finite[0] += bad_ratio;
         non_finite[1] += bad_adv;

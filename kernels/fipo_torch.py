@@ -58,7 +58,7 @@ def compute_torch(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torc
     NaN-free with finite advantages (``fipo_trl.loss`` checks); masked ones may hold anything. ``with_loss=False``:
     weights, F, keep and stats only, no loss and no gradient.
 
-    One ``aminmax`` of the log-ratio decides which rare branches can fire at all (a ratio above delta, the safety
+    One ``aminmax`` of the log-ratio decides which rare branches can fire at all (a ratio above c = delta, the safety
     threshold, 1 + epsilon_high, 2, or below 1 - epsilon, 1e-3; a log-ratio beyond +-20); the branches that cannot
     are skipped, not approximated. Fresh (B, T) allocations cost page faults on CPU, so temporaries reuse buffers.
     """
@@ -73,28 +73,28 @@ def compute_torch(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torc
         adv = adv[:, None] if adv.dim() == 1 else adv * mask_f  # (B, 1) per response, or (B, T)
         negative_adv, positive_adv = _below(adv, 0.0), _above(adv, 0.0)  # 0/1 selectors, (B, 1) or (B, T)
 
-        delta = (logps.detach().to(dtype) - old_logps.to(dtype)).nan_to_num_(nan=0.0).mul_(mask_f)
-        delta_min, delta_max = (v.item() for v in delta.aminmax()) if delta.numel() else (0.0, 0.0)
-        raw_delta = None
-        if max(-delta_min, delta_max) > LOG_RATIO_CLAMP:
-            raw_delta, delta = delta, delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-            delta_min, delta_max = max(delta_min, -LOG_RATIO_CLAMP), min(delta_max, LOG_RATIO_CLAMP)
+        log_ratio = (logps.detach().to(dtype) - old_logps.to(dtype)).nan_to_num_(nan=0.0).mul_(mask_f)
+        log_ratio_min, log_ratio_max = (v.item() for v in log_ratio.aminmax()) if log_ratio.numel() else (0.0, 0.0)
+        raw_log_ratio = None
+        if max(-log_ratio_min, log_ratio_max) > LOG_RATIO_CLAMP:
+            raw_log_ratio, log_ratio = log_ratio, log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            log_ratio_min, log_ratio_max = max(log_ratio_min, -LOG_RATIO_CLAMP), min(log_ratio_max, LOG_RATIO_CLAMP)
 
         def may_exceed(threshold):  # can a ratio exceed it? (margin: scalar vs vectorised exp rounding)
-            return delta_max >= math.log(threshold) - 1e-6
+            return log_ratio_max >= math.log(threshold) - 1e-6
 
         def may_go_below(threshold):
-            return delta_min <= math.log(threshold) + 1e-6
+            return log_ratio_min <= math.log(threshold) + 1e-6
 
         scratch = torch.empty_like(mask_f)  # one buffer for every temporary indicator
-        sum_neg_log_ratio, n_active = -delta.sum(), torch.count_nonzero(delta).to(dtype)
-        ratio = torch.exp(delta)  # 1 at masked positions
+        sum_neg_log_ratio, n_active = -log_ratio.sum(), torch.count_nonzero(log_ratio).to(dtype)
+        ratio = torch.exp(log_ratio)  # 1 at masked positions
         if may_exceed(dual_clip):
             participates = _at_most(ratio, dual_clip).mul_(mask_f)  # any advantage sign (the official code)
-            future_kl = discounted_reverse_cumsum(delta * participates, h.gamma, block_size)
+            future_kl = discounted_reverse_cumsum(log_ratio * participates, h.gamma, block_size)
             n_filtered = (mask_f - participates).sum()
-        else:  # no ratio above delta: every response token takes part (delta is already 0 elsewhere)
-            future_kl = discounted_reverse_cumsum(delta, h.gamma, block_size)
+        else:  # no ratio above c: every response token takes part (the log-ratio is already 0 elsewhere)
+            future_kl = discounted_reverse_cumsum(log_ratio, h.gamma, block_size)
             n_filtered = mask_f.new_zeros(())
 
         big = torch.finfo(dtype).max
@@ -128,11 +128,11 @@ def compute_torch(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torc
             row_loss = -torch.linalg.vecdot(weighted_adv, capped_ratio)
         unscaled_grad = None
         if needs_grad:
-            # d loss / d logp = -A f r where floor < r < ceiling (the ratio is not capped) and |delta| <= 20
+            # d loss / d logp = -A f r where floor < r < ceiling (the ratio is not capped) and |log-ratio| <= 20
             unscaled_grad = torch.sub(ratio, ratio_floor).clamp_(min=0).sign_()
             unscaled_grad.mul_(torch.sub(ratio_ceiling, ratio, out=scratch).clamp_(min=0).sign_())
-            if raw_delta is not None:
-                unscaled_grad.mul_(_at_most(raw_delta.abs(), LOG_RATIO_CLAMP))
+            if raw_log_ratio is not None:
+                unscaled_grad.mul_(_at_most(raw_log_ratio.abs(), LOG_RATIO_CLAMP))
             unscaled_grad.mul_(ratio).mul_(weighted_adv).neg_()
 
         stats = _stats(

@@ -153,12 +153,12 @@ if TRITON_AVAILABLE:
         mask = tl.load(MASK + row * stride_mask + pos, mask=in_segment, other=0) != 0
         logp = tl.load(LOGPS + row * stride_logps + pos, mask=mask, other=0.0).to(tl.float32)
         old = tl.load(OLD_LOGPS + row * stride_old + pos, mask=mask, other=0.0).to(tl.float32)
-        raw_delta = logp - old
-        log_ratio = tl.where(mask, tl.minimum(tl.maximum(raw_delta, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP), 0.0)
+        raw_log_ratio = logp - old
+        log_ratio = tl.where(mask, tl.minimum(tl.maximum(raw_log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP), 0.0)
         ratio = tl.exp(log_ratio)
         participates = mask & (ratio <= delta)
         x = tl.where(participates, log_ratio, 0.0)
-        return mask, raw_delta, log_ratio, ratio, participates, x
+        return mask, raw_log_ratio, log_ratio, ratio, participates, x
 
     @triton.jit
     def _store_row_level_columns(out, KEEP_ROW, n_tokens, n_dual):
@@ -235,7 +235,7 @@ if TRITON_AVAILABLE:
         for block in range(0, tl.cdiv(end - start, BLOCK)):
             pos = end - 1 - block * BLOCK - lane
             in_segment = pos >= start
-            mask, raw_delta, log_ratio, ratio, participates, x = _log_ratio_block(
+            mask, raw_log_ratio, log_ratio, ratio, participates, x = _log_ratio_block(
                 LOGPS, OLD_LOGPS, MASK, row, pos, in_segment, stride_logps, stride_old, stride_mask, delta)
             adv = tl.load(ADVANTAGES + row * stride_adv_row + pos * stride_adv_col, mask=mask, other=0.0)
             adv = tl.where(mask, adv.to(tl.float32), 0.0)  # where, not *: NaN advantages at padding stay out
@@ -272,7 +272,7 @@ if TRITON_AVAILABLE:
             if STORE_GRAD:
                 # d loss / d logp before the 1 / (kept tokens) scale: only the ratio carries gradient
                 ratio_live = tl.where(weighted_adv >= 0, ratio < ratio_high, (ratio > ratio_low) & (ratio < delta))
-                live = mask & ratio_live & (tl.abs(raw_delta) <= _LOG_RATIO_CLAMP)
+                live = mask & ratio_live & (tl.abs(raw_log_ratio) <= _LOG_RATIO_CLAMP)
                 tl.store(GRAD + row * T + pos, tl.where(live, -weighted_adv * ratio, 0.0), mask=in_segment)
 
             # the stats (response tokens, before the sequence filter)

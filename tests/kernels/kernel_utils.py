@@ -6,20 +6,14 @@ import math
 import pytest
 import torch
 
-from fipo_trl.kernels import (
-    STAT_NAMES,
-    Hyperparameters,
-    cpu_kernel_status,
-    cpu_kernel_usable,
-    fipo_loss_naive,
-    triton_usable,
-)
+from fipo_trl.kernels import STAT_NAMES, Hyperparameters, c_kernel_status, c_kernel_usable, triton_usable
+from fipo_trl.kernels.naive import fipo_loss_naive
 from fipo_trl.loss import COMPUTE_PATHS, metrics_from_stats
 
 needs_interpreter = pytest.mark.skipif(not triton_usable(torch.device("cpu")),
                                        reason="needs triton and TRITON_INTERPRET=1 before import (tests/conftest.py)")
-needs_c_kernel = pytest.mark.skipif(not cpu_kernel_usable(), reason=f"C kernel unavailable: {cpu_kernel_status()}")
-BACKEND_MARKS = {"torch": (), "cpu": (needs_c_kernel,), "triton": (needs_interpreter,)}
+needs_c_kernel = pytest.mark.skipif(not c_kernel_usable(), reason=f"C kernel unavailable: {c_kernel_status()}")
+BACKEND_MARKS = {"torch": (), "c": (needs_c_kernel,), "triton": (needs_interpreter,)}
 BACKENDS = [pytest.param(name, marks=marks) for name, marks in BACKEND_MARKS.items()]
 WITH_LOSS = [pytest.param(True, id="loss"), pytest.param(False, id="weights")]
 CLIP_MODES = {"high_only": (0.2, True), "two_sided": (0.2, False), "uncapped": (0.0, True)}

@@ -40,14 +40,14 @@ for name, path in (("fipo_trl", []), ("fipo_trl.kernels", [settings["kernels"]])
     sys.modules[name] = module
 import torch
 from fipo_trl.kernels import common, fipo_cpu, fipo_torch
-report = {"usable": fipo_cpu.cpu_kernel_usable(), "status": fipo_cpu.cpu_kernel_status()}
+report = {"usable": fipo_cpu.c_kernel_usable(), "status": fipo_cpu.c_kernel_status()}
 if report["usable"]:
     g = torch.Generator().manual_seed(0)
     logps = -torch.rand(3, 300, generator=g)
     old = logps + 0.1 * torch.randn(3, 300, generator=g)
     adv, mask = torch.randn(3, generator=g), torch.rand(3, 300, generator=g) > 0.2
     h = common.Hyperparameters(decay_rate=32.0, clip_ratio=0.2, clip_high_only=False, delta=3.0)
-    fused = fipo_cpu.compute_cpu(logps, old, adv, mask, h)
+    fused = fipo_cpu.compute_c(logps, old, adv, mask, h)
     reference = fipo_torch.compute_torch(logps, old, adv, mask, h)
     report["matches_torch"] = bool(torch.allclose(fused.loss, reference.loss, rtol=1e-4, atol=1e-6)
                                    and torch.allclose(fused.weights, reference.weights, rtol=1e-4, atol=1e-6))

@@ -34,8 +34,8 @@ from fipo_trl.loss import COMPUTE_PATHS
 # (B, T, block size): T just below / at / above one block, several blocks, for each path's own block
 SHAPES = {
     "triton": [(3, 1, 16), (3, 15, 16), (3, 16, 16), (3, 17, 16), (4, 47, 16), (4, 70, 16), (3, 31, 32), (3, 33, 32)],
-    "cpu": [(3, 1, None), (3, CHUNK_SIZE - 1, None), (3, CHUNK_SIZE, None), (3, CHUNK_SIZE + 1, None),
-            (4, 3 * CHUNK_SIZE + 7, None), (5, 2 * CHUNK_SIZE, None)],
+    "c": [(3, 1, None), (3, CHUNK_SIZE - 1, None), (3, CHUNK_SIZE, None), (3, CHUNK_SIZE + 1, None),
+          (4, 3 * CHUNK_SIZE + 7, None), (5, 2 * CHUNK_SIZE, None)],
     "torch": [(3, 1, None), (3, SCAN_BLOCK_SIZE - 1, None), (3, SCAN_BLOCK_SIZE, None), (3, SCAN_BLOCK_SIZE + 1, None),
               (4, 3 * SCAN_BLOCK_SIZE + 7, None), (5, 2 * SCAN_BLOCK_SIZE, None)],
 }
@@ -125,7 +125,7 @@ def test_backward_scales_with_upstream_gradient(backend):
     assert_matches_reference(out, reference(logps, old, adv, mask, h), torch.float32, leaf.grad / 3.0)
 
 
-LONG_ROW_PATHS = [pytest.param("torch"), pytest.param("cpu", marks=needs_c_kernel)]  # the interpreter is too slow
+LONG_ROW_PATHS = [pytest.param("torch"), pytest.param("c", marks=needs_c_kernel)]  # the interpreter is too slow
 
 
 @pytest.mark.parametrize("backend", LONG_ROW_PATHS)
@@ -160,7 +160,7 @@ def test_memory_is_linear_in_T(backend, with_loss):
     assert probe.peak <= 40 * row_bytes, f"peak {probe.peak / row_bytes:.1f} x (B, T) fp32"
 
 
-@pytest.mark.parametrize("backend", [pytest.param("torch"), pytest.param("cpu", marks=needs_c_kernel)])
+@pytest.mark.parametrize("backend", [pytest.param("torch"), pytest.param("c", marks=needs_c_kernel)])
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 0.05, 0.3, 1.0, 4.0, 30.0])
 @pytest.mark.parametrize("per_token_adv", [False, True])
 @pytest.mark.parametrize("clip_mode", sorted(CLIP_MODES))

@@ -4,13 +4,9 @@ and the official chunked decay-matrix evaluation (naive.future_kl_chunked) again
 import pytest
 import torch
 
-from fipo_trl.kernels import (
-    decay_to_gamma,
-    discounted_reverse_cumsum,
-    discounted_reverse_cumsum_naive,
-    future_kl_chunked,
-)
-from fipo_trl.kernels.scan import SCAN_BLOCK_SIZE
+from fipo_trl.kernels.common import decay_to_gamma
+from fipo_trl.kernels.naive import discounted_reverse_cumsum_naive, future_kl_chunked
+from fipo_trl.kernels.scan import SCAN_BLOCK_SIZE, discounted_reverse_cumsum
 
 # T around one and several blocks, and past SCAN_BLOCK_SIZE^2 (the scan over block carries recurses once more)
 LENGTHS = [1, 2, SCAN_BLOCK_SIZE - 1, SCAN_BLOCK_SIZE, SCAN_BLOCK_SIZE + 1, 200, SCAN_BLOCK_SIZE**2 + 1]

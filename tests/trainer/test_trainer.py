@@ -13,7 +13,7 @@ from trl import GRPOConfig, GRPOTrainer
 import fipo_trl.trainer
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss, fipo_weights
 from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
-from fipo_trl.kernels.fipo_cpu import cpu_kernel_usable
+from fipo_trl.kernels import c_kernel_usable
 
 PAIRS = [(GRPOTrainer, GRPOConfig), (FIPOTrainer, FIPOConfig)]
 PAIR_IDS = ["grpo", "fipo"]
@@ -133,8 +133,8 @@ def test_fipo_is_active_after_the_first_update_of_each_generation_batch(tiny_mod
     weights = [fipo_weights(*args, **kwargs).weights for args, kwargs in spy.fipo_calls]
     assert any((w != 1).any() for w in weights)
     # on CPU the trainer uses the fused C kernel (the torch path where no C compiler exists), and says so
-    fused = cpu_kernel_usable()
-    assert trainer.fipo_backend == ("cpu" if fused else "torch")
+    fused = c_kernel_usable()
+    assert trainer.fipo_backend == ("c" if fused else "torch")
     assert {h["fipo/fused_kernel"] for h in trainer.state.log_history if "fipo/fused_kernel" in h} == {float(fused)}
 
 
