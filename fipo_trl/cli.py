@@ -134,7 +134,16 @@ def parse_train_args(argv: list[str]):
     return parser.parse_args_and_config(argv)
 
 
-LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+def _check_local_data_files(data_files, flag: str) -> None:
+    """Check the local files among ``data_files`` (a path, a list, or a {split: path(s)} dict) before datasets reads
+    them (fipo_trl.data.check_data_file); Hub paths and globs are datasets' to resolve."""
+    from fipo_trl.data import check_data_file
+
+    values = data_files.values() if isinstance(data_files, dict) else [data_files]
+    for value in values:
+        for file in [value] if isinstance(value, (str, os.PathLike)) else list(value or []):
+            if Path(file).is_file():
+                check_data_file(file, flag)
 
 
 def _describe_data_files(data_files) -> str:
@@ -149,27 +158,34 @@ def load_training_data(script_args, dataset_args, embedded: bool):
     --data_files), the embedded tiny task. Every failure is a ValueError naming the flag."""
     from datasets import load_dataset
 
+    from fipo_trl.data import check_data_file, check_dataset_source, data_file_builder, supported_files
+
     split = script_args.dataset_train_split
     if dataset_args.datasets:  # a mixture (--config with `datasets:`) wins over --dataset_name, as in `trl grpo`
+        for entry in dataset_args.datasets:
+            check_dataset_source(entry.path, "datasets: path")
+            _check_local_data_files(entry.data_files, f"datasets: {entry.path} data_files")
         dataset = get_dataset(dataset_args)
         name = ", ".join(d.path if not d.data_files else f"{d.path}: {_describe_data_files(d.data_files)}"
                          for d in dataset_args.datasets)
     elif script_args.dataset_name:
         path, name = Path(script_args.dataset_name), script_args.dataset_name
         data_files = script_args.data_files
-        if path.is_file() or path.suffix.lower() in LOCAL_FILE_BUILDERS:  # a single local file
-            if path.suffix.lower() not in LOCAL_FILE_BUILDERS:
+        check_dataset_source(name)
+        if path.is_file() or data_file_builder(path):  # a single local file
+            if not data_file_builder(path):
                 raise ValueError(f"--dataset_name {name!r}: a {path.suffix} file cannot be read as a dataset. Fix: "
-                                 f"use one of {', '.join(LOCAL_FILE_BUILDERS)} (JSON lines: one object per line, "
-                                 "with a "
-                                 "'prompt' column).")
+                                 f"use one of {supported_files()} (JSON lines: one object per line, with a 'prompt' "
+                                 "column).")
             if not path.is_file():
                 raise ValueError(f"--dataset_name {name!r}: no such file.")
-            builder, data_files = LOCAL_FILE_BUILDERS[path.suffix.lower()], str(path)
+            check_data_file(path, "--dataset_name")
+            builder, data_files = data_file_builder(path), str(path)
             name = f"{builder}: {path.name}"  # a local file, never taken for a Hub id by the card
         else:
             builder = name
             if data_files:
+                _check_local_data_files(data_files, "--data_files")
                 name = f"{name}: {_describe_data_files(data_files)}"
         dataset = load_dataset(builder, name=script_args.dataset_config, data_files=data_files,
                                streaming=script_args.dataset_streaming)

@@ -28,6 +28,14 @@ from pathlib import Path
 
 import torch
 
+from fipo_trl.data import (
+    DATA_FILE_BUILDERS,
+    check_data_file,
+    check_dataset_source,
+    data_file_builder,
+    supported_files,
+)
+
 # A tiny problem set in the tiny model's vocabulary, for the offline smoke run.
 BUILTIN_PROBLEMS = [
     {"problem": "what is one plus one ?", "answer": "2"},
@@ -79,10 +87,8 @@ class EvalArguments:
                                           "rerun resumes from it) and eval_results.json/.md are written."})
 
 
-# Local data files load_dataset reads, by suffix (a single file: datasets names its only split "train").
-DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Suffixes that can only mean a local file (a Hub id like "org/name-v1.5" may well have some other "suffix").
-FILE_LIKE_SUFFIXES = {*DATA_FILE_BUILDERS, ".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".tar"}
+FILE_LIKE_SUFFIXES = {*DATA_FILE_BUILDERS, ".txt", ".tsv", ".xlsx", ".xls", ".gz", ".bz2", ".xz", ".zip", ".tar"}
 SAMPLES_FILE = "eval_samples.jsonl"
 TINY_MODEL_DIR = "base-model"
 # The arguments that decide what the samples are: a resumed run must agree on all of them. (batch_size, pass_k,
@@ -130,11 +136,12 @@ def dataset_file(name: str) -> Path | None:
     """The local data file --dataset_name names (checked: it exists and has a supported suffix), or None for a
     dataset folder or a Hub id."""
     path = Path(name).expanduser()
-    supported = ", ".join(DATA_FILE_BUILDERS)
+    supported = supported_files()
     if path.is_dir():
+        check_dataset_source(name)
         return None
     if path.is_file():
-        if path.suffix.lower() not in DATA_FILE_BUILDERS:
+        if data_file_builder(path) is None:
             raise ValueError(f"--dataset_name {name!r}: unsupported file type {path.suffix or '(no suffix)'!r}. Fix: "
                              f"convert it to one of {supported} (e.g. JSON lines, one object per problem with the "
                              "--problem_column and --answer_column fields), or pass a Hub dataset id.")
@@ -206,9 +213,11 @@ def load_problems(args: EvalArguments) -> tuple[list[str], list[str], str]:
         rows, name = Dataset.from_list(BUILTIN_PROBLEMS), "builtin-tiny-arithmetic"
     else:
         name, path = args.dataset_name, dataset_file(args.dataset_name)
+        if path is not None:
+            check_data_file(path, "--dataset_name")  # a damaged file is named with its line, not wrapped below
         try:
             if path is not None:
-                rows = load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+                rows = load_dataset(data_file_builder(path), data_files=str(path), split="train")
             else:
                 rows = load_dataset(name, name=args.dataset_config, split=args.dataset_split)
         except Exception as error:  # noqa: BLE001 - whatever went wrong, it is about the flags that chose the data

@@ -21,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl.checkpoints import SafeCheckpointsMixin
 from fipo_trl.config import FIPOConfig, check_trl_compatibility
+from fipo_trl.data import check_training_data
 from fipo_trl.dynamic_sampling import DynamicSamplingMixin
 from fipo_trl.hub import HubResilienceMixin
 from fipo_trl.kernels.common import LOG_RATIO_CLAMP, STAT_NAMES, reduce_row_stats
@@ -229,8 +230,10 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
                             "fipo_trl.FIPOConfig(...): it takes the same arguments plus the FIPO fields.")
         check_trl_compatibility(args)
         check_environment()  # a bad FIPO_TRL_* value fails here, not at the first loss
-        _check_train_dataset(kwargs["train_dataset"] if "train_dataset" in kwargs else (pargs[0] if pargs else None),
-                             args)
+        train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (pargs[0] if pargs else None)
+        _check_train_dataset(train_dataset, args)
+        check_training_data(train_dataset, args, model, reward_funcs,
+                            kwargs.get("processing_class", pargs[2] if len(pargs) > 2 else None))
         if args.fipo_is_degenerate:
             message = (
                 f"FIPO is degenerate with this config and will train exactly like DAPO: steps_per_generation "
