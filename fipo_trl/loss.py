@@ -145,11 +145,17 @@ def _validated_once(**hyperparameters) -> Hyperparameters:
     return check_hyperparameters(**hyperparameters)
 
 
+def _plain(value):
+    """A one-element tensor (meta excepted: it holds no value) or a numpy scalar as a Python number; else as is."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 and not value.is_meta else value
+    return value.item() if isinstance(value, numpy.generic) else value
+
+
 def _checked_hyperparameters(**hyperparameters) -> Hyperparameters:
     """The hyperparameters validated, as plain floats and a bool (numpy scalars and one-element tensors become
     Python numbers first, so that the cache never keys on a mutable tensor)."""
-    plain = {arg: (value.item() if isinstance(value, (torch.Tensor, numpy.generic)) and value.size in (1, ()) else
-                   value) for arg, value in hyperparameters.items()}
+    plain = {arg: _plain(value) for arg, value in hyperparameters.items()}
     try:
         return _validated_once(**plain)
     except TypeError:  # unhashable (a list...): validate uncached, which raises the error naming the argument

@@ -145,6 +145,18 @@ def test_bad_hyperparameters_name_the_field(kwargs, field, api):
 
 
 @pytest.mark.parametrize("api", APIS)
+def test_a_hyperparameter_changed_in_place_is_validated_with_its_new_value(api):
+    """Validation is cached by value: a one-element tensor that was valid and is then changed in place to an invalid
+    value must fail, not pass on the old value."""
+    delta = torch.tensor(10.0)
+    batch = (torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2))
+    assert api(*batch, delta=delta).weights.shape == (1, 2)
+    delta.fill_(1.25)  # below 1 + epsilon_high
+    with pytest.raises(ValueError, match=r"`delta` = 1.25 is invalid"):
+        api(*batch, delta=delta)
+
+
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize(
     "args, error, match",
     [
