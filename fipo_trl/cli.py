@@ -175,8 +175,8 @@ def load_training_data(script_args, dataset_args, embedded: bool):
         if path.is_file() or data_file_builder(path):  # a single local file
             if not data_file_builder(path):
                 raise ValueError(f"--dataset_name {name!r}: a {path.suffix} file cannot be read as a dataset. Fix: "
-                                 f"use one of {supported_files()} (JSON lines: one object per line, with a 'prompt' "
-                                 "column).")
+                                 f"use one of {supported_files()} (JSON lines: one object per line, with a "
+                                 "'prompt' column).")
             if not path.is_file():
                 raise ValueError(f"--dataset_name {name!r}: no such file.")
             check_data_file(path, "--dataset_name")

@@ -26,7 +26,6 @@ import select
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 __all__ = ["MathVerifier", "MathVerifyReward", "OverlongPenalty", "completion_text", "extract_answer",
@@ -277,18 +276,3 @@ def overlong_penalty(max_completion_length: int = 20480, buffer_length: int = 40
                      penalty_factor: float = 1.0) -> OverlongPenalty:
     """The overlong-penalty reward function for a run. Official values: 32B 20480/4096, 7B 10240/2048, factor 1."""
     return OverlongPenalty(max_completion_length, buffer_length, penalty_factor)
-
-
-def _measure(n: int = 20) -> dict[str, float]:
-    """Rough timings of the verifier (used in the README): per-check latency, and a hard timeout plus restart."""
-    verifier = MathVerifier(timeout_seconds=2.0)
-    verifier.equal("1", "1")  # start the worker
-    start = time.perf_counter()
-    for i in range(n):
-        verifier.equal(str(i), f"\\frac{{{2 * i}}}{{2}}")
-    per_check = (time.perf_counter() - start) / n
-    start = time.perf_counter()
-    verifier.equal("5", "(10^{10})!")
-    overrun = time.perf_counter() - start
-    verifier.close()
-    return {"per_check_s": per_check, "timeout_check_s": overrun, "timeouts": verifier.timeouts}
