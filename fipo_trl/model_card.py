@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import html
 import importlib.metadata
 import os
 import re
 from importlib import resources
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from fipo_trl.kernels.common import weight_bounds
 
 CURVES_IMAGE = "training_curves.png"  # linked from the card when a run wrote it next to README.md
 INFLUENCE_PAGE = "fipo_influence/latest.html"  # written by fipo_trl.influence.TokenInfluenceCallback
@@ -22,6 +27,21 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def markdown_text(value) -> str:
+    """Any text as inert Markdown on one line (a sentence, a heading, a table cell): runs of whitespace become one
+    space, ``&``, ``<`` and ``>`` become entities (no HTML), and Markdown's punctuation is backslash-escaped (no link,
+    emphasis, code span, table cell boundary, heading or list)."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    text = re.sub(r"([\\`*_\[\]|~#!])", r"\\\1", text)
+    return re.sub(r"^([-+])(?=\s|$)|^(\d+)([.)])(?=\s|$)",
+                  lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", text)
+
+
+def python_literal(value) -> str:
+    """``value`` as a Python string literal (its repr) that also cannot end a Markdown code fence (no backquote)."""
+    return repr(str(value)).replace("`", "\\x60")
 
 
 def _fmt(value) -> str:
@@ -51,14 +71,21 @@ def _base_model(model) -> tuple[str | None, str]:
     """(Hub id or None, how to describe it). Local directories are not Hub ids and are not linked."""
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     name = getattr(config, "_name_or_path", "") or ""
-    if name and not os.path.isdir(name):
+    if _is_hub_id(name):
         return name, name
     return None, f"a local model ({os.path.basename(os.path.normpath(name)) or 'unnamed'})"
 
 
 def _is_hub_id(name: str | None) -> bool:
-    """Whether a dataset name can go in the card's metadata (a Hub id), not a local file or a description."""
-    return bool(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not os.path.exists(name)
+    """Whether a model or dataset name is a Hub id (it goes in the card's metadata and is linked), not a local path
+    or a description."""
+    if not isinstance(name, str):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not os.path.exists(name)
 
 
 def render_model_card(trainer, *, model_name: str | None = None, dataset_name: str | None = None,
@@ -86,8 +113,7 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
                                  metric_type=metric, metric_value=value)
                       for dataset, metrics in eval_results.items() for metric, value in metrics.items()] or None,
     )
-    lower, upper = (0.0, 10.0) if args.fipo_clip_ratio == 0 else (
-        1.0 if args.fipo_clip_high_only else 1 - args.fipo_clip_ratio, 1 + args.fipo_clip_ratio)
+    lower, upper = weight_bounds(args.fipo_clip_ratio, args.fipo_clip_high_only)
     updates = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
     fipo = {
         "decay_rate": args.fipo_decay_rate,
@@ -113,4 +139,5 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
         eval_table=[{"dataset": d, "metric": m, "value": _fmt(v)} for d, ms in eval_results.items()
                     for m, v in ms.items()],
         versions=_versions(), fipo_citation=trainer._paper["citation"],
+        md=markdown_text, py=python_literal,  # every user-supplied string goes through one of them
     )
