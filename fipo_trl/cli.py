@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from trl import (
     get_quantization_config,
 )
 
+from fipo_trl.checkpoints import check_output_dir_before_load, release_output_dir_lock
 from fipo_trl.config import FIPOConfig
 from fipo_trl.hub import warn_hub_failure
+from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs, is_input_error
 from fipo_trl.kernels.env import check_environment, show_traceback
 
 # The embedded default when no model is named (no --model_name_or_path, no --config); flags still win.
@@ -86,7 +89,8 @@ def load_reward_funcs(names: list[str], training_args: FIPOConfig, script_args: 
             funcs.append(MathVerifyReward(timeout_seconds=script_args.reward_timeout_seconds))
         elif name == "overlong_penalty":
             max_length = training_args.max_completion_length
-            buffer = script_args.overlong_buffer_length or max(1, max_length // 5)
+            buffer = script_args.overlong_buffer_length
+            buffer = max(1, max_length // 5) if buffer is None else buffer
             funcs.append(overlong_penalty(max_length, buffer, script_args.overlong_penalty_factor))
         elif "." in name:
             funcs.append(_import_reward(name))
@@ -94,6 +98,50 @@ def load_reward_funcs(names: list[str], training_args: FIPOConfig, script_args: 
             raise ValueError(f"--reward_funcs {name!r}: expected 'math_verify_reward', 'overlong_penalty' or a dotted "
                              "import path such as 'my_rewards.correctness'.")
     return funcs
+
+
+def check_script_flags(script_args: FIPOScriptArguments, training_args: FIPOConfig, model_args: ModelConfig,
+                       reward_names: list[str]) -> None:
+    """The script's own flags (FIPOConfig checks its fields itself): each error names the flag and the fix."""
+    from fipo_trl.rewards import MAX_CHECK_SECONDS
+
+    if script_args.merge_adapter and not model_args.use_peft:
+        raise ValueError("--merge_adapter merges the run's LoRA adapter into the base model, but this run trains no "
+                         "adapter. Fix: add --use_peft true, or drop --merge_adapter.")
+    timeout = script_args.reward_timeout_seconds
+    if not _is_number(timeout) or not 0 < timeout <= MAX_CHECK_SECONDS:
+        raise ValueError(f"--reward_timeout_seconds {timeout!r}: one math-verify check's limit must be a number of "
+                         f"seconds in (0, {MAX_CHECK_SECONDS}]. Fix: pass e.g. 5 (the default).")
+    buffer, factor = script_args.overlong_buffer_length, script_args.overlong_penalty_factor
+    max_length = training_args.max_completion_length
+    if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int)
+                               or not 1 <= buffer <= max_length):
+        raise ValueError(f"--overlong_buffer_length {buffer!r}: the penalty's buffer must be a whole number of tokens "
+                         f"in [1, --max_completion_length {max_length}]. Fix: pass e.g. {max(1, max_length // 5)} (a "
+                         "fifth, the official ratio), or leave it unset for that default.")
+    if not _is_number(factor) or factor <= 0:
+        raise ValueError(f"--overlong_penalty_factor {factor!r}: the penalty's scale must be a finite number > 0 (a "
+                         "negative one would reward overlong completions). Fix: pass the official 1.0; to turn the "
+                         "penalty off, drop overlong_penalty from --reward_funcs.")
+    if "overlong_penalty" not in reward_names and (buffer is not None or factor != 1.0):
+        flags = " and ".join(flag for flag, unset in (("--overlong_buffer_length", buffer is None),
+                                                      ("--overlong_penalty_factor", factor == 1.0)) if not unset)
+        raise ValueError(f"{flags} would be ignored: 'overlong_penalty' is not in --reward_funcs {reward_names}. Fix: "
+                         "add overlong_penalty to --reward_funcs, or drop the flag.")
+
+
+def check_eval_split(dataset, script_args: FIPOScriptArguments, training_args: FIPOConfig) -> None:
+    """An eval strategy needs the split it evaluates on; TRL finds out only after the model has loaded."""
+    if training_args.eval_strategy == "no":
+        return
+    split, strategy = script_args.dataset_test_split, getattr(training_args.eval_strategy, "value", "")
+    if split not in dataset:
+        raise ValueError(f"--eval_strategy {strategy}: the dataset has no {split!r} split to evaluate on (its splits: "
+                         f"{list(dataset)}). Fix: pass --dataset_test_split <one of them>, or --eval_strategy no.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _import_reward(dotted: str):
@@ -128,6 +176,7 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 
 def parse_train_args(argv: list[str]):
+    check_config_file(argv)  # missing, unparsable or with a key twice: one clear line, before TRL reads it
     parser = make_parser(prog="fipo-trl train")
     if not any(arg.startswith(("--model_name_or_path", "--config")) for arg in argv):
         parser.set_defaults(**EMBEDDED_DEFAULTS)  # defaults only: flags still win
@@ -207,15 +256,17 @@ def train(argv: list[str]):
     from fipo_trl.callbacks import PrintFIPOMetricsCallback
     from fipo_trl.trainer import FIPOTrainer
 
-    script_args, training_args, model_args, dataset_args = parse_train_args(argv)
-    if training_args.resume_from_checkpoint not in (None, False):  # a bad flag fails before anything loads
-        from fipo_trl.checkpoints import resolve_resume
-
-        resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                       not training_args.save_only_model)
-    embedded = model_args.model_name_or_path is None
-    reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
-    reward_funcs = load_reward_funcs(reward_names, training_args, script_args)  # bad names fail before any loading
+    with checking_inputs():  # every flag and the data are checked here, before anything loads
+        script_args, training_args, model_args, dataset_args = parse_train_args(argv)
+        check_output_dir(training_args.output_dir)
+        # the run's lock on output_dir; a resume flag that resolves, or a fresh run that mixes no checkpoints
+        check_output_dir_before_load(training_args, model_args.model_name_or_path)
+        embedded = model_args.model_name_or_path is None
+        reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
+        check_script_flags(script_args, training_args, model_args, reward_names)
+        reward_funcs = load_reward_funcs(reward_names, training_args, script_args)
+        dataset, dataset_name = load_training_data(script_args, dataset_args, embedded)
+        check_eval_split(dataset, script_args, training_args)
     if embedded:
         from fipo_trl._tiny import build_tiny_model
 
@@ -231,7 +282,6 @@ def train(argv: list[str]):
             model_init_kwargs.update(quantization_config=quantization_config, device_map=get_kbit_device_map())
         training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
-    dataset, dataset_name = load_training_data(script_args, dataset_args, embedded)
     callbacks = [PrintFIPOMetricsCallback()]
     if importlib.util.find_spec("matplotlib") is not None:  # the card's curves plot (training_curves.png)
         from fipo_trl.plots import TrainingCurvesCallback
@@ -255,6 +305,7 @@ def train(argv: list[str]):
         trainer.push_to_hub(dataset_name=dataset_name)
     if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
         save_merged_model(trainer, push=training_args.push_to_hub)
+    release_output_dir_lock(training_args.output_dir)  # taken by check_output_dir_before_load
     return trainer
 
 
@@ -281,12 +332,14 @@ def save_merged_model(trainer, push: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script: returns None (exit status 0) on success. A bad input (a ValueError, raised before any
-    expensive work) prints one line, ``fipo-trl: error: ...``, and exits with status 2, as argparse does
-    (``FIPO_TRL_TRACEBACK=1`` shows the full traceback instead)."""
+    """The console script: returns None (exit status 0) on success. A bad input (a ValueError raised while the
+    inputs are checked, before anything loads) prints one line, ``fipo-trl: error: ...``, and exits with status 2,
+    as argparse does (``FIPO_TRL_TRACEBACK=1`` shows the full traceback instead). An error raised later, while
+    loading or training (a reward function's, say), keeps its full traceback and exits with status 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        check_environment()  # a bad FIPO_TRL_* value fails here, before anything loads
+        with checking_inputs():
+            check_environment()  # a bad FIPO_TRL_* value fails here, before anything loads
         if argv and argv[0] == "eval":
             from fipo_trl.evaluation import main as evaluate_main
 
@@ -294,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(argv[1:] if argv and argv[0] == "train" else argv)
     except ValueError as error:
+        if not is_input_error(error):  # raised after the inputs were checked: its traceback says where
+            raise
         try:
             full = show_traceback()
         except ValueError:  # the bad value is the error being reported

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
@@ -222,6 +226,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
             and self.fipo_updates_per_generation >= 1
         ):
             self.steps_per_generation = self.fipo_updates_per_generation * self.gradient_accumulation_steps
+        check_values(self)  # values TRL accepts that fail after the model loads (or in TRL's own checks)
         super().__post_init__()
         if not isinstance(self.fipo_updates_per_generation, int) or self.fipo_updates_per_generation < 1:
             raise ValueError(f"`fipo_updates_per_generation` = {self.fipo_updates_per_generation!r} is invalid: it "
@@ -277,3 +282,91 @@ def check_trl_compatibility(args) -> None:
     if args.importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"`importance_sampling_level` = {args.importance_sampling_level!r} is invalid. Set "
                          "importance_sampling_level='token' (the official FIPO setting) or 'sequence' (GSPO).")
+
+# Counts TRL and transformers accept below their minimum: (minimum, what the value means).
+MINIMUM_COUNTS = {
+    "num_generations": (2, "completions per prompt; GRPO's advantages compare at least 2"),
+    "max_completion_length": (1, "tokens per completion"),
+    "per_device_train_batch_size": (1, "completions per device per micro-batch"),
+    "per_device_eval_batch_size": (1, "completions per device per eval batch"),
+}
+
+
+def check_values(args) -> None:
+    """Values GRPOConfig accepts that fail only after the model has loaded (in generate, torch or TRL), crash in
+    TRL's own checks (num_generations 0: ZeroDivisionError) or train silently wrong (nan, max_steps 0, beta < 0).
+    Each error names the field and the fix."""
+    for item in dataclasses.fields(args):
+        value = getattr(args, item.name, None)
+        for number in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(number, float) and not math.isfinite(number):
+                example = "" if item.default in (dataclasses.MISSING, None) else f", e.g. the default {item.default!r}"
+                rule = "every number in it must be finite" if number is not value else "it must be a finite number"
+                raise ValueError(f"`{item.name}` = {value!r} is invalid: {rule}. Fix: pass a finite value{example}.")
+    for name, (minimum, meaning) in MINIMUM_COUNTS.items():
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` = {value!r} is invalid: it must be an integer >= {minimum} ({meaning}).")
+    if args.num_generations_eval is not None and (not isinstance(args.num_generations_eval, int)
+                                                  or args.num_generations_eval < 1):
+        raise ValueError(f"`num_generations_eval` = {args.num_generations_eval!r} is invalid: it must be an integer "
+                         ">= 1, or unset to use num_generations.")
+    if isinstance(args.max_steps, bool) or not isinstance(args.max_steps, int) or (
+            args.max_steps < 1 and args.max_steps != -1):
+        raise ValueError(f"`max_steps` = {args.max_steps!r} is invalid (transformers would train one step at 0): it "
+                         "must be an integer >= 1, or -1 to train for num_train_epochs.")
+    if not args.temperature > 0:
+        raise ValueError(f"`temperature` = {args.temperature!r} is invalid: sampling needs a temperature > 0 (GRPO "
+                         "compares several sampled completions per prompt). Use e.g. the official 1.0.")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"`top_p` = {args.top_p!r} is invalid: it must be in (0, 1]; 1 keeps every token.")
+    if args.learning_rate < 0:
+        raise ValueError(f"`learning_rate` = {args.learning_rate!r} is invalid: it must be >= 0 (e.g. 1e-6).")
+    if args.beta < 0:
+        raise ValueError(f"`beta` = {args.beta!r} is invalid: the KL coefficient must be >= 0 (0, the official "
+                         "FIPO value, needs no reference model).")
+    check_hub_model_id(args)
+    if args.use_liger_kernel and not gpu_available(args):
+        raise ValueError("`use_liger_kernel=True` needs a GPU (Liger's kernels are Triton GPU kernels), and this "
+                         "run has none. Fix: set use_liger_kernel=False.")
+    if args.use_vllm and not gpu_available(args):
+        raise ValueError("`use_vllm=True` needs a CUDA GPU, and this run has none. Fix: set use_vllm=False (TRL then "
+                         "generates with transformers).")
+    if args.use_vllm and not vllm_installed():
+        raise ValueError("`use_vllm=True` needs vLLM, which is not installed. Fix: pip install vllm (a version TRL "
+                         "supports), or set use_vllm=False.")
+
+
+def gpu_available(args) -> bool:
+    """Whether this run trains on a GPU (CUDA or XPU, and not `use_cpu`)."""
+    import torch
+
+    if args.use_cpu:
+        return False
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_hub_model_id(args) -> None:
+    """The repository a push would create must be a valid Hub id: checked here, not after training (transformers
+    then warns and pushes nothing). Without hub_model_id, transformers names it after output_dir's last folder."""
+    if args.hub_model_id is None and not args.push_to_hub:
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = args.hub_model_id
+    if repo_id is None:
+        repo_id = Path(args.output_dir or "trainer_output").absolute().name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        if args.hub_model_id is not None:
+            raise ValueError(f"`hub_model_id` = {repo_id!r} is not a valid Hub repository id: {error} Fix: use "
+                             "'name' or 'user/name' (letters, digits, '-', '_', '.').") from None
+        raise ValueError(f"push_to_hub: the repository would be named after `output_dir`'s last folder, {repo_id!r}, "
+                         f"which is not a valid Hub repository id: {error} Fix: set hub_model_id to 'name' or "
+                         "'user/name'.") from None

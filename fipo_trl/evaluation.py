@@ -35,6 +35,7 @@ from fipo_trl.data import (
     data_file_builder,
     supported_files,
 )
+from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs
 
 # A tiny problem set in the tiny model's vocabulary, for the offline smoke run.
 BUILTIN_PROBLEMS = [
@@ -198,8 +199,7 @@ def validate(args: EvalArguments) -> None:
                   "run's output_dir or one of its checkpoint-<step> folders), or a Hub model id")
     if args.dataset_name is not None:
         dataset_file(args.dataset_name)
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise bad("output_dir", args.output_dir, "is a file, not a folder", "pass a folder path")
+    check_output_dir(args.output_dir)  # a file, under a file, read-only or empty: before the model loads
     if (Path(args.output_dir) / SAMPLES_FILE).is_dir():
         raise bad("output_dir", args.output_dir, f"{SAMPLES_FILE} in it is a folder", "pass another --output_dir")
 
@@ -384,16 +384,17 @@ def evaluate_math(args: EvalArguments) -> dict:
     from fipo_trl.math_metrics import load_math_metric
 
     # Everything that can be wrong with the inputs is found here, before the model is loaded.
-    validate(args)
-    problems, references, dataset_name = load_problems(args)
-    output_dir = Path(args.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--output_dir {args.output_dir!r} cannot be created ({error}). Fix: pass a writable "
-                         "folder.") from error
-    samples_path = output_dir / SAMPLES_FILE
-    completions = read_saved_samples(samples_path, args, problems, references)
+    with checking_inputs():
+        validate(args)
+        problems, references, dataset_name = load_problems(args)
+        output_dir = Path(args.output_dir)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--output_dir {args.output_dir!r} cannot be created ({error}). Fix: pass a writable "
+                             "folder.") from error
+        samples_path = output_dir / SAMPLES_FILE
+        completions = read_saved_samples(samples_path, args, problems, references)
     use_vllm = args.use_vllm
     if use_vllm is None:
         use_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
@@ -448,5 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     the console script prints it and exits with status 2."""
     from trl import TrlParser
 
-    (args,) = TrlParser((EvalArguments,), prog="fipo-trl eval").parse_args_and_config(argv)
+    with checking_inputs():
+        check_config_file(argv)  # missing, unparsable or with a key twice: one clear line, before TRL reads it
+        (args,) = TrlParser((EvalArguments,), prog="fipo-trl eval").parse_args_and_config(argv)
     return evaluate_math(args)

@@ -21,6 +21,7 @@ functions from an event-loop thread. Nothing is ever passed to ``eval``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import subprocess
@@ -33,6 +34,7 @@ __all__ = ["MathVerifier", "MathVerifyReward", "OverlongPenalty", "completion_te
 
 _WORKER = Path(__file__).with_name("_math_verify_worker.py")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+MAX_CHECK_SECONDS = 24 * 3600  # one math-verify check's limit; select() and signal.alarm() overflow far above it
 
 
 def _last_boxed(text: str) -> str | None:
@@ -82,8 +84,9 @@ class MathVerifier:
     """
 
     def __init__(self, timeout_seconds: float = 5.0, startup_timeout_seconds: float = 120.0):
-        if timeout_seconds <= 0:
-            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}.")
+        if not _finite(timeout_seconds) or not 0 < timeout_seconds <= MAX_CHECK_SECONDS:
+            raise ValueError(f"timeout_seconds must be a number of seconds in (0, {MAX_CHECK_SECONDS}], got "
+                             f"{timeout_seconds!r}.")
         self.timeout_seconds = float(timeout_seconds)
         self.startup_timeout_seconds = startup_timeout_seconds
         self.timeouts = 0  # checks that hit the hard limit (the worker was killed)
@@ -153,6 +156,10 @@ class MathVerifier:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_text(value, what: str) -> str | None:
@@ -251,6 +258,9 @@ class OverlongPenalty:
         if not 0 < buffer_length <= max_completion_length:
             raise ValueError(f"overlong penalty: need 0 < buffer_length ({buffer_length}) <= max_completion_length "
                              f"({max_completion_length}).")
+        if not _finite(penalty_factor) or penalty_factor <= 0:
+            raise ValueError(f"overlong penalty: penalty_factor must be a finite number > 0 (official: 1.0), got "
+                             f"{penalty_factor!r}; a negative one would reward overlong completions.")
         self.max_completion_length = max_completion_length
         self.buffer_length = buffer_length
         self.penalty_factor = penalty_factor

@@ -24,6 +24,7 @@ from fipo_trl.config import FIPOConfig, check_trl_compatibility
 from fipo_trl.data import check_training_data
 from fipo_trl.dynamic_sampling import DynamicSamplingMixin
 from fipo_trl.hub import HubResilienceMixin
+from fipo_trl.input_checks import checking_inputs
 from fipo_trl.kernels.common import LOG_RATIO_CLAMP, STAT_NAMES, reduce_row_stats
 from fipo_trl.kernels.env import check_environment
 from fipo_trl.loss import fipo_weights, hyperparameters_from_config, metrics_from_stats, stack_stats
@@ -228,12 +229,13 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             kind = "GRPOConfig" if isinstance(args, GRPOConfig) else type(args).__name__
             raise TypeError(f"FIPOTrainer needs `args` to be a FIPOConfig, got a {kind}. Replace GRPOConfig(...) with "
                             "fipo_trl.FIPOConfig(...): it takes the same arguments plus the FIPO fields.")
-        check_trl_compatibility(args)
-        check_environment()  # a bad FIPO_TRL_* value fails here, not at the first loss
-        train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (pargs[0] if pargs else None)
-        _check_train_dataset(train_dataset, args)
-        check_training_data(train_dataset, args, model, reward_funcs,
-                            kwargs.get("processing_class", pargs[2] if len(pargs) > 2 else None))
+        with checking_inputs():  # before the model loads: `fipo-trl` shows these errors as one line
+            check_trl_compatibility(args)
+            check_environment()  # a bad FIPO_TRL_* value fails here, not at the first loss
+            train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (pargs[0] if pargs else None)
+            _check_train_dataset(train_dataset, args)
+            check_training_data(train_dataset, args, model, reward_funcs,
+                                kwargs.get("processing_class", pargs[2] if len(pargs) > 2 else None))
         if args.fipo_is_degenerate:
             message = (
                 f"FIPO is degenerate with this config and will train exactly like DAPO: steps_per_generation "

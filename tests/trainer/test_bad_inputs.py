@@ -68,6 +68,77 @@ def test_bf16_follows_the_hardware_unless_set(tmp_path):
             FIPOConfig(output_dir=str(tmp_path), bf16=True)
 
 
+BAD_CONFIG_VALUES = [  # (field, value, text of the error): TRL accepts each, then fails after the model loads
+    ("num_generations", 0, r"`num_generations` = 0 is invalid: it must be an integer >= 2"),  # was ZeroDivisionError
+    ("max_completion_length", 0, r"`max_completion_length` = 0 is invalid"),
+    ("temperature", 0.0, r"`temperature` = 0.0 is invalid: sampling needs a temperature > 0"),
+    ("temperature", -0.5, r"`temperature` = -0.5 is invalid"),
+    ("top_p", 0.0, r"`top_p` = 0.0 is invalid: it must be in \(0, 1\]"),
+    ("learning_rate", math.nan, r"`learning_rate` = nan is invalid: it must be a finite number. Fix: pass a finite "
+                                r"value, e.g. the default 1e-06"),
+    ("learning_rate", -1e-5, r"`learning_rate` = -1e-05 is invalid: it must be >= 0"),
+    ("num_train_epochs", math.inf, r"`num_train_epochs` = inf is invalid"),
+    ("reward_weights", [1.0, math.nan], r"`reward_weights` = \[1.0, nan\] is invalid: every number in it must be "
+                                        r"finite"),
+    ("per_device_train_batch_size", 0, r"`per_device_train_batch_size` = 0 is invalid"),
+    ("per_device_eval_batch_size", 0, r"`per_device_eval_batch_size` = 0 is invalid"),
+    ("num_generations_eval", 0, r"`num_generations_eval` = 0 is invalid"),
+    ("max_steps", 0, r"`max_steps` = 0 is invalid \(transformers would train one step at 0\)"),
+    ("max_steps", -2, r"`max_steps` = -2 is invalid"),
+    ("beta", -1.0, r"`beta` = -1.0 is invalid: the KL coefficient must be >= 0"),
+    ("hub_model_id", 'me/run"; __import__("os")', r"`hub_model_id` = .* is not a valid Hub repository id.*Fix"),
+    ("hub_model_id", "a/b/c", r"`hub_model_id` = 'a/b/c' is not a valid Hub repository id"),
+]
+
+
+@pytest.mark.parametrize("field, value, match", BAD_CONFIG_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_CONFIG_VALUES])
+def test_values_that_fail_after_the_model_loads_are_refused_by_the_config(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **{field: value})
+
+
+def test_edge_values_that_are_valid_are_accepted(tmp_path):
+    args = config(tmp_path, max_steps=-1, beta=0.0, learning_rate=0.0, temperature=0.01, top_p=1.0,
+                  hub_model_id="my-org/fipo_run.v2", num_generations_eval=2)
+    assert (args.max_steps, args.hub_model_id) == (-1, "my-org/fipo_run.v2")
+    assert config(tmp_path, max_steps=1, beta=0.04).beta == 0.04
+
+
+def test_a_push_named_after_an_invalid_output_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"push_to_hub: the repository would be named after `output_dir`'s last "
+                                         r"folder, 'my run!'.*Fix: set hub_model_id"):
+        config(tmp_path / "my run!", push_to_hub=True)
+    assert config(tmp_path / "my run!", push_to_hub=True, hub_model_id="me/my-run").push_to_hub
+
+
+def test_gpu_only_options_are_refused_on_a_cpu_only_run(tmp_path, monkeypatch):
+    import fipo_trl.config
+
+    gpu_available = fipo_trl.config.gpu_available
+    assert not gpu_available(config(tmp_path, use_cpu=True))  # use_cpu: a CPU run even on a GPU machine
+    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: False)
+    with pytest.raises(ValueError, match=r"`use_liger_kernel=True` needs a GPU.*Fix: set use_liger_kernel=False"):
+        config(tmp_path, use_liger_kernel=True)
+    with pytest.raises(ValueError, match=r"`use_vllm=True` needs a CUDA GPU.*Fix: set use_vllm=False"):
+        config(tmp_path, use_vllm=True)
+    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: True)
+    monkeypatch.setattr(fipo_trl.config, "vllm_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"`use_vllm=True` needs vLLM, which is not installed. Fix: pip install"):
+        config(tmp_path, use_vllm=True)
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, 1e12, 0, -1, "5"])
+def test_a_math_verify_time_limit_must_be_a_sane_number_of_seconds(timeout):
+    with pytest.raises(ValueError, match=r"timeout_seconds must be a number of seconds in \(0, 86400\]"):
+        MathVerifyReward(timeout_seconds=timeout)
+
+
+@pytest.mark.parametrize("factor", [math.nan, math.inf, -1.0, 0.0])
+def test_an_overlong_penalty_factor_must_be_finite_and_positive(factor):
+    with pytest.raises(ValueError, match=r"penalty_factor must be a finite number > 0"):
+        overlong_penalty(8, 4, factor)
+
+
 # --- fipo_loss hyperparameters and inputs ----------------------------------------------------------------------
 
 
