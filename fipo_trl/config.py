@@ -240,6 +240,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         window = self.fipo_inert_window
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"`fipo_inert_window` = {window!r} is invalid: it must be an integer >= 1 (generation "
+        check_liger_loss_path(self)  # before the GPU check: on this TRL no machine could run it
                              "batches; default 2).")
         check_trl_compatibility(self)
 
@@ -296,6 +297,26 @@ def check_values(args) -> None:
     """Values GRPOConfig accepts that fail only after the model has loaded (in generate, torch or TRL), crash in
     TRL's own checks (num_generations 0: ZeroDivisionError) or train silently wrong (nan, max_steps 0, beta < 0).
     Each error names the field and the fix."""
+    check_liger_loss_path(args)
+
+
+def check_liger_loss_path(args) -> None:
+    """TRL up to 1.13 computes the whole GRPO loss in Liger's fused kernel when use_liger_kernel=True
+    (GRPOTrainer.compute_liger_loss), past the _compute_loss that FIPO hooks: training would stop at its first step.
+    Later TRL uses Liger for the model's layers only, and FIPO works. Checked on the TRL installed, not its version."""
+    if not getattr(args, "use_liger_kernel", False):
+        return
+    from trl import GRPOTrainer
+
+    if hasattr(GRPOTrainer, "compute_liger_loss"):
+        import trl
+
+        raise ValueError(
+            f"`use_liger_kernel=True` cannot be used with TRL {trl.__version__}: this TRL computes the GRPO loss in "
+            "Liger's fused kernel (GRPOTrainer.compute_liger_loss), which skips FIPO's weights. Fix: set "
+            "use_liger_kernel=False, or upgrade TRL to 1.14 or later, where use_liger_kernel only patches the "
+            "model's layers and the loss stays FIPO's.")
+
     for item in dataclasses.fields(args):
         value = getattr(args, item.name, None)
         for number in value if isinstance(value, (list, tuple)) else (value,):
