@@ -8,7 +8,6 @@ negative), blue = f < 1 (two-sided clipping only), white = 1. Hovering a token s
 from __future__ import annotations
 
 import html
-import html.parser
 import json
 import os
 
@@ -234,24 +233,3 @@ class TokenInfluenceCallback(TrainerCallback):
                 writer = getattr(callback, "tb_writer", None)
                 if writer is not None:
                     writer.add_text("fipo/token_influence", page, state.global_step)
-
-
-def read_influence_html(page: str) -> list[list[tuple[float, float, str]]]:
-    """The inverse of ``render_influence_html``: per completion, (f, F, CSS style) of every token span, e.g. to
-    check a page against the weights a trainer computed."""
-
-    class _Spans(html.parser.HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.rows: list[list[tuple[float, float, str]]] = []
-
-        def handle_starttag(self, tag, attrs):
-            attrs = dict(attrs)
-            if tag == "div" and attrs.get("class") == "completion":
-                self.rows.append([])
-            elif tag == "span" and attrs.get("class") == "tok":
-                self.rows[-1].append((float(attrs["data-weight"]), float(attrs["data-future-kl"]), attrs["style"]))
-
-    parser = _Spans()
-    parser.feed(page)
-    return parser.rows

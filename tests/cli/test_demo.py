@@ -11,8 +11,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 import matplotlib.image  # noqa: E402
-
-from fipo_trl.influence import read_influence_html  # noqa: E402
+from influence_page import read_influence_html  # noqa: E402
 
 pytestmark = pytest.mark.slow  # subprocess runs of whole trainings
 

@@ -92,7 +92,7 @@ def test_future_kl_by_position_averages_each_position_per_half():
 @pytest.mark.slow
 def test_quick_mode_runs_the_whole_pipeline(tmp_path):
     matplotlib_image = pytest.importorskip("matplotlib.image")
-    from fipo_trl.influence import read_influence_html
+    from influence_page import read_influence_html
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(REPO / "examples" / "long_reasoning_study.py"), "--quick",

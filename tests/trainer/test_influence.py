@@ -8,11 +8,12 @@ import subprocess
 
 import pytest
 import torch
+from influence_page import read_influence_html
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
 from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
-from fipo_trl.influence import TokenInfluenceCallback, batch_context, read_influence_html, references_by_prompt
+from fipo_trl.influence import TokenInfluenceCallback, batch_context, references_by_prompt
 
 
 def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):

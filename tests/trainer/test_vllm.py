@@ -3,7 +3,7 @@ The GPU runs (vLLM colocate, with and without LoRA) are in tests/trainer/test_gp
 
 import pytest
 import torch
-from test_trainer import config_kwargs, crafted_micro_batch
+from trainer_utils import config_kwargs, crafted_micro_batch
 from transformers import AutoTokenizer
 from trl import TrlParser
 
