@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,6 @@ def run_cli(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "fipo_trl.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
-
-
-def test_console_script_is_declared():
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["fipo-trl"] == "fipo_trl.cli:main" and callable(cli.main)
 
 
 @pytest.mark.slow  # a subprocess
