@@ -23,7 +23,7 @@ import json
 import os
 import string
 from dataclasses import asdict, dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from fipo_trl.data import (
     data_file_builder,
     supported_files,
 )
-from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs
+from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs, is_int
 
 # A tiny problem set in the tiny model's vocabulary, for the offline smoke run.
 BUILTIN_PROBLEMS = [
@@ -101,10 +101,6 @@ SAMPLING_ARGS = ("model_name_or_path", "dataset_name", "dataset_config", "datase
 
 # --- Validation: every check runs before the model is loaded ---------------------------------------------------
 
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and value == value  # value == value: not NaN
 
@@ -159,32 +155,32 @@ def validate(args: EvalArguments) -> None:
     def bad(flag, value, rule, fix):
         return ValueError(f"--{flag} {value!r}: {rule}. Fix: {fix}.")
 
-    if not _is_int(args.k) or args.k < 1:
+    if not is_int(args.k) or args.k < 1:
         raise bad("k", args.k, "the number of samples per problem must be an integer >= 1", "pass e.g. --k 4")
     if args.pass_k is not None and not isinstance(args.pass_k, (list, tuple)):
         raise bad("pass_k", args.pass_k, "must be a list of integers", "pass e.g. --pass_k 1 4 (in YAML: [1, 4])")
     for value in args.pass_k or []:
-        if not _is_int(value):
+        if not is_int(value):
             raise bad("pass_k", args.pass_k, f"each value must be an integer in [1, --k={args.k}], got {value!r}",
                       "pass integers, e.g. --pass_k 1 4")
         if not 1 <= value <= args.k:
             raise bad("pass_k", args.pass_k, f"each value must be in [1, --k={args.k}] (pass@k and cons@k need k of "
                       f"the --k samples), got {value}",
                       f"raise --k to {value}, or drop {value} from --pass_k" if value > args.k else "drop it")
-    if args.num_problems is not None and (not _is_int(args.num_problems) or args.num_problems < 1):
+    if args.num_problems is not None and (not is_int(args.num_problems) or args.num_problems < 1):
         raise bad("num_problems", args.num_problems, "must be an integer >= 1", "pass a positive count, or leave it "
                   "unset to evaluate every problem")
     if not _is_number(args.temperature) or args.temperature < 0:
         raise bad("temperature", args.temperature, "must be >= 0", "pass 0 for greedy decoding, or the official 1.0")
     if not _is_number(args.top_p) or not 0 < args.top_p <= 1:
         raise bad("top_p", args.top_p, "must be in (0, 1]", "pass e.g. the official 0.7, or 1 for no nucleus cut")
-    if not _is_int(args.max_new_tokens) or args.max_new_tokens < 1:
+    if not is_int(args.max_new_tokens) or args.max_new_tokens < 1:
         raise bad("max_new_tokens", args.max_new_tokens, "must be an integer >= 1", "pass e.g. --max_new_tokens 1024")
-    if not _is_int(args.batch_size) or args.batch_size < 1:
+    if not is_int(args.batch_size) or args.batch_size < 1:
         raise bad("batch_size", args.batch_size, "must be an integer >= 1", "pass e.g. --batch_size 8")
     if not _is_number(args.timeout_seconds) or args.timeout_seconds <= 0:
         raise bad("timeout_seconds", args.timeout_seconds, "must be > 0", "pass e.g. --timeout_seconds 5")
-    if not _is_int(args.seed):
+    if not is_int(args.seed):
         raise bad("seed", args.seed, "must be an integer", "pass e.g. --seed 0")
     if args.dtype != "auto" and not isinstance(getattr(torch, str(args.dtype), None), torch.dtype):
         raise bad("dtype", args.dtype, "not a torch dtype", "pass auto, bfloat16, float16 or float32")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
+from numbers import Integral
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,11 @@ def checking_inputs():
 
 def is_input_error(error: BaseException) -> bool:
     return getattr(error, INPUT_ERROR, False)
+
+
+def is_int(value) -> bool:
+    """A whole number given as one (an int or a numpy integer), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def check_output_dir(path, flag: str = "--output_dir") -> None:

@@ -15,11 +15,12 @@ a worker process under a hard time limit, see fipo_trl.rewards).
 from __future__ import annotations
 
 from math import comb
-from numbers import Integral, Real
+from numbers import Real
 
 import datasets
 import evaluate
 
+from fipo_trl.input_checks import is_int
 from fipo_trl.rewards import MathVerifier, extract_answer
 
 _CITATION = """\
@@ -72,10 +73,6 @@ def majority_vote(answers: list[str | None], correct: list[bool], equal) -> bool
     return correct[winner[0]]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
 def check_inputs(predictions, references) -> tuple[list[list[str]], list[str]]:
     """Validated copies of ``predictions`` and ``references``, or a ValueError that names the bad entry and the fix.
     A None completion becomes "" (scored as wrong, like any completion without an answer); a numeric reference
@@ -126,7 +123,7 @@ def check_ks(k, n: int) -> list[int]:
         raise ValueError(f"k is empty: pass an integer or a list of integers in [1, n={n}], or leave k unset for "
                          f"[1, {n}].")
     for value in values:
-        if not _is_int(value):
+        if not is_int(value):
             raise ValueError(f"k must be an integer or a list of integers in [1, n={n}], got {value!r}.")
         if value < 1:
             raise ValueError(f"k={value} is below 1: pass@k and cons@k need k in [1, n={n}].")
@@ -187,7 +184,7 @@ class MathMetrics(evaluate.Metric):
             raise ValueError("predictions is empty: nothing to score.")
         if not isinstance(timeout_seconds, Real) or isinstance(timeout_seconds, bool) or not timeout_seconds > 0:
             raise ValueError(f"timeout_seconds must be a number > 0, got {timeout_seconds!r}.")
-        if not _is_int(max_answer_chars) or max_answer_chars < 1:
+        if not is_int(max_answer_chars) or max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be an integer >= 1, got {max_answer_chars!r}.")
         verifier = MathVerifier(timeout_seconds)
         try:
