@@ -15,7 +15,7 @@ from fipo_trl.dynamic_sampling import DynamicSamplingConfig
 from fipo_trl.kernels.common import DEFAULTS
 from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters, hyperparameters_from_config
 from fipo_trl.reward_checks import check_reward_timeout
-from fipo_trl.versions import check_installed_versions
+from fipo_trl.versions import check_installed_versions, supported_range, trl_older_than, trl_version
 
 check_installed_versions()  # a TRL/transformers outside the supported range fails here, before any model loads
 
@@ -297,6 +297,12 @@ def check_values(args) -> None:
     """Values GRPOConfig accepts that fail only after the model has loaded (in generate, torch or TRL), crash in
     TRL's own checks (num_generations 0: ZeroDivisionError) or train silently wrong (nan, max_steps 0, beta < 0).
     Each error names the field and the fix."""
+    if args.loss_type == "luspo" and trl_older_than("1.10"):
+        raise ValueError(
+            f"`loss_type` = 'luspo' needs TRL 1.10 or later with FIPO: TRL {trl_version()} averages LUSPO's loss over "
+            "every position, padding included, once the advantages are per token (FIPO's are), which scales each "
+            f"completion's loss by its length / T. Fix: upgrade TRL to 1.10 or later (fipo_trl supports "
+            f"{supported_range('trl')}), or use another loss_type, e.g. the official 'bnpo'.")
     check_liger_loss_path(args)
 
 
@@ -309,10 +315,8 @@ def check_liger_loss_path(args) -> None:
     from trl import GRPOTrainer
 
     if hasattr(GRPOTrainer, "compute_liger_loss"):
-        import trl
-
         raise ValueError(
-            f"`use_liger_kernel=True` cannot be used with TRL {trl.__version__}: this TRL computes the GRPO loss in "
+            f"`use_liger_kernel=True` cannot be used with TRL {trl_version()}: this TRL computes the GRPO loss in "
             "Liger's fused kernel (GRPOTrainer.compute_liger_loss), which skips FIPO's weights. Fix: set "
             "use_liger_kernel=False, or upgrade TRL to 1.14 or later, where use_liger_kernel only patches the "
             "model's layers and the loss stays FIPO's.")

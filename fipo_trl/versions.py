@@ -81,3 +81,12 @@ def check_installed_versions() -> None:
         raise ImportError(
             "fipo_trl cannot run with the installed versions: " + "; ".join(problems) + ". Fix: pip install "
             f"{wanted} (docs/compatibility.md lists the tested combinations).")
+
+
+def trl_version() -> str:
+    return importlib.metadata.version("trl")
+
+
+def trl_older_than(version: str) -> bool:
+    """Whether the installed TRL predates ``version``: for the TRL behaviours FIPO must refuse on older releases."""
+    return Version(trl_version()) < Version(version)

@@ -37,15 +37,6 @@ def test_infinite_epsilon_high_blames_epsilon_high(tmp_path):
         config(tmp_path, epsilon_high=math.inf)
 
 
-@pytest.mark.parametrize("steps_per_generation, grad_accum, num_iterations", [(3, 2, 1), (6, 4, 1), (3, 2, 1)])
-def test_optimizer_steps_may_not_straddle_generation_batches(tmp_path, steps_per_generation, grad_accum,
-                                                             num_iterations):
-    with pytest.raises(ValueError, match=r"`steps_per_generation` = .* not a multiple of "
-                                         r"`gradient_accumulation_steps`.*Fix: leave steps_per_generation"):
-        config(tmp_path, steps_per_generation=steps_per_generation, gradient_accumulation_steps=grad_accum,
-               num_iterations=num_iterations)
-
-
 @pytest.mark.parametrize("steps_per_generation, grad_accum, num_iterations", [
     (8, 2, 1),  # 4 updates per generation batch
     (1, 4, 1),  # several generation batches per update (degenerate: warned at trainer init, not an error)

@@ -15,6 +15,7 @@ import fipo_trl.trainer
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss, fipo_weights
 from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 from fipo_trl.kernels import c_kernel_usable
+from fipo_trl.versions import trl_older_than
 
 PAIRS = [(GRPOTrainer, GRPOConfig), (FIPOTrainer, FIPOConfig)]
 PAIR_IDS = ["grpo", "fipo"]
@@ -56,6 +57,8 @@ LOSS_SETTINGS = {  # every TRL loss type, and sequence-level importance sampling
 @pytest.mark.parametrize("setting", list(LOSS_SETTINGS))
 def test_unit_weights_reproduce_grpo_exactly(setting, tiny_model_path, tmp_path, monkeypatch):
     """With f forced to 1 the hook changes nothing: per-step losses and final parameters equal GRPOTrainer's."""
+    if setting == "luspo" and trl_older_than("1.10"):
+        pytest.skip("FIPOConfig refuses luspo on TRL < 1.10 (test_versions.py): it averages over padding there")
     options = dict(LOSS_SETTINGS[setting], loss_type=setting.removesuffix("_sequence"))
     sequence_level = options.get("importance_sampling_level") == "sequence"
     if sequence_level:  # see below: plain SGD, so that a rounding difference stays a rounding difference

@@ -98,3 +98,13 @@ def test_liger_layers_of_newer_trl_are_not_refused_by_the_loss_path_check(tmp_pa
     args = FIPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none")
     args.use_liger_kernel = True
     check_liger_loss_path(args)  # no error
+
+
+def test_luspo_is_refused_on_trl_before_1_10(tmp_path, monkeypatch):
+    """TRL 1.9 averages LUSPO's loss over padding once advantages are per token: FIPOConfig refuses it there."""
+    if not versions.trl_older_than("1.10"):
+        fake_versions(monkeypatch, trl="1.9.2")
+    with pytest.raises(ValueError, match=r"`loss_type` = 'luspo' needs TRL 1\.10 or later with FIPO: TRL 1\.9\.\d .*"
+                                         r"Fix: upgrade TRL to 1\.10 or later .* or use another loss_type"):
+        FIPOConfig(output_dir=str(tmp_path), loss_type="luspo", importance_sampling_level="sequence", bf16=False,
+                   report_to="none")
