@@ -114,13 +114,18 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
                       for dataset, metrics in eval_results.items() for metric, value in metrics.items()] or None,
     )
     lower, upper = weight_bounds(args.fipo_clip_ratio, args.fipo_clip_high_only)
-    updates = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+    updates = f"{args.fipo_updates_per_generation_batch:g}"
+    if args.fipo_straddles_generation_batches:
+        updates = (f"{args.fipo_updates_per_generation_batch:.3g}: optimizer steps straddled generation batches "
+                   f"(steps_per_generation {args.steps_per_generation} × num_iterations {args.num_iterations} over "
+                   f"gradient_accumulation_steps {args.gradient_accumulation_steps}); each micro-batch's weights "
+                   "used its own π_old")
     fipo = {
         "decay_rate": args.fipo_decay_rate,
         "weight_clip": f"[{lower:g}, {upper:g}]" if args.fipo_clip_ratio else "min(exp F, 10)",
         "safety_threshold": args.fipo_safety_threshold, "delta": args.delta, "epsilon": args.epsilon,
         "epsilon_high": args.epsilon if args.epsilon_high is None else args.epsilon_high,
-        "updates_per_generation": f"{updates:g}", "sequence_filter": args.fipo_sequence_filter,
+        "updates_per_generation": updates, "sequence_filter": args.fipo_sequence_filter,
         "loss_type": args.loss_type, "beta": args.beta, "num_generations": args.num_generations,
         "completions_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps
         * trainer.accelerator.num_processes,
