@@ -11,6 +11,8 @@ completion. What TRL receives are the checked rewards: floats, and None for "no 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import math
 import numbers
 import threading
@@ -19,7 +21,6 @@ from collections.abc import Iterable
 
 import numpy
 import torch
-from trl.trainer.utils import is_async_callable
 
 MAX_TIMEOUT_SECONDS = 24 * 3600.0  # a day: a longer limit is a mistake (and overflows the thread and asyncio waits)
 
@@ -104,8 +105,23 @@ class CheckedReward:
         return rewards
 
 
+def is_async_callable(func) -> bool:
+    """Whether calling ``func`` returns a coroutine: TRL's own test (trl.trainer.utils.is_async_callable, TRL >= 1.14),
+    here so that older TRL releases import it too. A callable instance carries its ``async`` on ``__call__``."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(func.__call__)
+
+
 class CheckedAsyncReward(CheckedReward):
     """An async reward function, checked; TRL awaits it on its event loop, and the time limit is asyncio's."""
+
+    def __init__(self, func, name: str, timeout_seconds: float | None = None):
+        super().__init__(func, name, timeout_seconds)
+        # TRL < 1.14 tells async rewards apart with inspect.iscoroutinefunction(func) alone, which is False for a
+        # callable instance unless it looks like a function: these attributes make it read as the async __call__.
+        self.__code__, self.__defaults__, self.__kwdefaults__ = type(self).__call__.__code__, None, None
+        self.__annotations__ = {}
 
     async def __call__(self, **kwargs) -> list[float | None]:
         self.calls += 1
