@@ -170,7 +170,8 @@ def test_a_hyperparameter_changed_in_place_is_validated_with_its_new_value(api):
          "floating"),
         ((torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, dtype=torch.long), torch.ones(2, 3)), TypeError,
          "`advantages` must be a floating"),
-        ((torch.zeros(2, 3), torch.zeros(2, 3).to("meta"), torch.ones(2), torch.ones(2, 3)), ValueError, "device"),
+        ((torch.zeros(2, 3), torch.zeros(2, 3).to("meta"), torch.ones(2), torch.ones(2, 3)), ValueError,
+         "`old_logps` is a meta tensor"),
         (([[0.0]], torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1)), TypeError, "torch.Tensor"),
     ],
 )
