@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import string
+import warnings
 from dataclasses import asdict, dataclass, field
 from numbers import Real
 from pathlib import Path
@@ -80,7 +81,7 @@ class EvalArguments:
                              "samples are saved to eval_samples.jsonl as soon as it returns."})
     use_vllm: bool | None = field(
         default=None, metadata={"help": "Generate with vLLM. Default: when vLLM is installed and a GPU is present."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype (auto, bfloat16, float16, float32)."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     timeout_seconds: float = field(default=5.0, metadata={"help": "Hard limit of one math-verify check."})
     output_dir: str = field(
@@ -91,6 +92,7 @@ class EvalArguments:
 # Suffixes that can only mean a local file (a Hub id like "org/name-v1.5" may well have some other "suffix").
 FILE_LIKE_SUFFIXES = {*DATA_FILE_BUILDERS, ".txt", ".tsv", ".xlsx", ".xls", ".gz", ".bz2", ".xz", ".zip", ".tar"}
 SAMPLES_FILE = "eval_samples.jsonl"
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # what both transformers and vLLM load a model in
 TINY_MODEL_DIR = "base-model"
 # The arguments that decide what the samples are: a resumed run must agree on all of them. (batch_size, pass_k,
 # num_problems, timeout_seconds and the backend do not change what a sample is.)
@@ -182,8 +184,9 @@ def validate(args: EvalArguments) -> None:
         raise bad("timeout_seconds", args.timeout_seconds, "must be > 0", "pass e.g. --timeout_seconds 5")
     if not is_int(args.seed):
         raise bad("seed", args.seed, "must be an integer", "pass e.g. --seed 0")
-    if args.dtype != "auto" and not isinstance(getattr(torch, str(args.dtype), None), torch.dtype):
-        raise bad("dtype", args.dtype, "not a torch dtype", "pass auto, bfloat16, float16 or float32")
+    if args.dtype not in DTYPES:  # float8_e4m3fn is a torch dtype too, but no model loads in it
+        raise bad("dtype", args.dtype, f"a model is loaded in one of {', '.join(DTYPES)}",
+                  "pass auto, bfloat16, float16 or float32")
     if args.use_vllm and importlib.util.find_spec("vllm") is None:
         raise bad("use_vllm", args.use_vllm, "vLLM is not installed", "pip install vllm, or drop --use_vllm to "
                   "generate with transformers")
@@ -238,6 +241,11 @@ def load_problems(args: EvalArguments) -> tuple[list[str], list[str], str]:
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             raise ValueError(f"--answer_column {args.answer_column!r}: row {i} of {name} has no answer ({answer!r}). "
                              "Fix: pick the column with the reference answers, or drop the rows without one.")
+        if not isinstance(answer, (str, Real)):  # a list or dict would be compared as its repr and score 0
+            raise ValueError(f"--answer_column {args.answer_column!r}: row {i} of {name} is a "
+                             f"{type(answer).__name__} ({answer!r:.80}), not one answer; its text would never match "
+                             "a correct \\boxed{...}. Fix: pick the column with the reference answers as text or "
+                             "numbers, or flatten this one (e.g. keep its first element).")
     return problems, [str(answer) for answer in references], name
 
 
@@ -292,57 +300,100 @@ def vllm_generator(model_path: str, args: EvalArguments):  # GPU only
 
 # --- eval_samples.jsonl: samples saved as they are produced ----------------------------------------------------
 
+def load_generator(model_path: str, problems: list[str], args: EvalArguments, use_vllm: bool):
+    """(generate, prompts). A model that cannot be loaded (a mistyped Hub id, a folder without a model) is a
+    ValueError naming --model_name_or_path."""
+    from huggingface_hub.errors import HFValidationError
+    from transformers import AutoTokenizer
+
+    try:
+        prompts = build_prompts(AutoTokenizer.from_pretrained(model_path), problems, args)
+        generate = (vllm_generator if use_vllm else transformers_generator)(model_path, args)
+    except (OSError, HFValidationError) as error:
+        reason = " ".join(str(error).split())  # one line: transformers' message spans several
+        with checking_inputs():  # a bad flag, found by loading: one line from fipo-trl, like the other input errors
+            raise ValueError(f"--model_name_or_path {model_path!r} could not be loaded: {reason} Fix: check the Hub "
+                             "id, or pass a folder holding a saved model (config.json, the weights and the "
+                             "tokenizer); offline, only models already in the Hugging Face cache load.") from error
+    return generate, prompts
+
+
 def sampling_header(args: EvalArguments) -> dict:
     return {"eval_samples_header": {name: getattr(args, name) for name in SAMPLING_ARGS}}
 
 
-def read_saved_samples(path: Path, args: EvalArguments, problems: list[str], references: list[str]) -> list:
-    """The completions already saved in ``path`` for the first problems (resuming), after checking they were made
-    with the same sampling arguments and the same problems. A line cut short by a crash is dropped from the file."""
+def _sample(line: bytes, k: int):
+    """A saved sample line as a dict, or None when it is damaged (not JSON, not an object, a field missing or of
+    the wrong type, not --k completions)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if (isinstance(entry, dict) and is_int(entry.get("index")) and isinstance(entry.get("problem"), str)
+            and isinstance(entry.get("reference"), str) and isinstance(entry.get("completions"), list)
+            and len(entry["completions"]) == k and all(isinstance(c, str) for c in entry["completions"])):
+        return entry
+    return None
+
+
+def read_saved_samples(path: Path, args: EvalArguments, problems: list[str],
+                       references: list[str]) -> dict[int, list[str]] | None:
+    """The completions already saved in ``path`` (resuming), by problem index, after checking they were made with
+    the same sampling arguments and for the same problems. None when there is nothing to resume (no file, an empty
+    one, or a header with no sample: it never blocks a rerun). A last line cut short by a crash is dropped from the
+    file; a damaged line elsewhere is skipped and reported, and its problem is sampled again."""
     if not path.exists():
-        return []
+        return None
     raw = path.read_bytes()
-    good_end, lines = 0, []
-    for line in raw.splitlines(keepends=True):
-        try:
-            if not line.endswith(b"\n"):
-                raise ValueError("no newline: cut short")
-            lines.append(json.loads(line))
-        except ValueError:
-            break  # the rest was being written when the run died
-        good_end += len(line)
-    if good_end < len(raw):
+    lines = raw.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):  # the line being written when the run died
         with path.open("r+b") as f:  # appending after a half line would corrupt the file
-            f.truncate(good_end)
-    if not lines or "eval_samples_header" not in lines[0]:
-        if lines:
-            raise ValueError(f"--output_dir {str(path.parent)!r}: {path} is not an eval samples file. Fix: pass "
-                             f"another --output_dir, or move that file away.")
-        return []
-    saved, current = lines[0]["eval_samples_header"], sampling_header(args)["eval_samples_header"]
-    changed = [f"--{name}: {saved.get(name)!r} there, {current[name]!r} now" for name in SAMPLING_ARGS
-               if saved.get(name) != current[name]]
+            f.truncate(len(raw) - len(lines.pop()))
+    if not lines:
+        return None
+    try:
+        header = json.loads(lines[0])["eval_samples_header"]
+    except (ValueError, TypeError, KeyError):
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"--output_dir {str(path.parent)!r}: {path} is not an eval samples file (its first line is "
+                         f"not the header of the sampling arguments). Fix: pass another --output_dir, or move that "
+                         f"file away.")
+    if len(lines) == 1:  # a header and no sample: a rerun with other arguments starts over
+        return None
+    current = sampling_header(args)["eval_samples_header"]
+    changed = [f"--{name}: {header.get(name)!r} there, {current[name]!r} now" for name in SAMPLING_ARGS
+               if header.get(name) != current[name]]
     if changed:
         raise ValueError(f"--output_dir {str(path.parent)!r} already holds samples made with other arguments "
                          f"({'; '.join(changed)}); resuming would mix samples of two settings. Fix: pass another "
                          f"--output_dir, or delete {path} to start over.")
-    completions = []
-    for i, entry in enumerate(lines[1:len(problems) + 1]):
-        if entry.get("index") != i or entry.get("problem") != problems[i] or entry.get("reference") != references[i]:
+    saved, damaged = {}, []
+    for number, line in enumerate(lines[1:], start=2):
+        entry = _sample(line, args.k)
+        if entry is None:
+            damaged.append(number)
+            continue
+        i = entry["index"]
+        if i >= len(problems) or i in saved:  # past --num_problems, or sampled again after a damaged line
+            continue
+        if entry["problem"] != problems[i] or entry["reference"] != references[i]:
             raise ValueError(f"--output_dir {str(path.parent)!r}: sample {i} in {path} is for another problem than "
                              f"problem {i} of --dataset_name now (the data changed?). Fix: pass another --output_dir, "
                              f"or delete {path} to start over.")
-        if not isinstance(entry.get("completions"), list) or len(entry["completions"]) != args.k:
-            raise ValueError(f"--output_dir {str(path.parent)!r}: sample {i} in {path} does not hold --k {args.k} "
-                             f"completions. Fix: delete {path} to start over.")
-        completions.append(entry["completions"])
-    return completions
+        saved[i] = entry["completions"]
+    if damaged:
+        shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
+        warnings.warn(f"{path}: skipped {len(damaged)} damaged line(s) (line {shown}); the {len(saved)} intact "
+                      "samples are kept, and the problems of the damaged lines are sampled again. The damaged lines "
+                      "stay in the file, unread.", UserWarning, stacklevel=2)
+    return saved
 
 
-def append_samples(path: Path, start: int, problems, references, completions) -> None:
+def append_samples(path: Path, indices, problems, references, completions) -> None:
     """Append one JSON line per problem, flushed to disk before returning: a crash afterwards loses none of them."""
-    lines = "".join(json.dumps({"index": start + i, "problem": p, "reference": r, "completions": c}) + "\n"
-                    for i, (p, r, c) in enumerate(zip(problems, references, completions)))
+    lines = "".join(json.dumps({"index": i, "problem": p, "reference": r, "completions": c}) + "\n"
+                    for i, p, r, c in zip(indices, problems, references, completions))
     with path.open("a") as f:
         f.write(lines)
         f.flush()
@@ -366,7 +417,10 @@ def model_index(model_name: str, dataset_name: str, split: str, metrics: dict[st
 
 
 def markdown_table(model_name: str, dataset_name: str, metrics: dict[str, float]) -> str:
+    from fipo_trl.model_card import markdown_text
+
     names = list(metrics)
+    model_name, dataset_name = markdown_text(model_name), markdown_text(dataset_name)  # a "|" cannot split a cell
     return "\n".join([
         "| model | dataset | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
@@ -390,30 +444,36 @@ def evaluate_math(args: EvalArguments) -> dict:
             raise ValueError(f"--output_dir {args.output_dir!r} cannot be created ({error}). Fix: pass a writable "
                              "folder.") from error
         samples_path = output_dir / SAMPLES_FILE
-        completions = read_saved_samples(samples_path, args, problems, references)
+        saved = read_saved_samples(samples_path, args, problems, references)
     use_vllm = args.use_vllm
     if use_vllm is None:
         use_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
-    if len(completions) < len(problems):
-        if completions:
-            print(f"Resuming: {len(completions)} of {len(problems)} problems already sampled in {samples_path}")
-        elif not samples_path.exists() or samples_path.stat().st_size == 0:
-            samples_path.write_text(json.dumps(sampling_header(args)) + "\n")
+    missing = [i for i in range(len(problems)) if saved is None or i not in saved]
+    if missing:
+        if saved:
+            print(f"Resuming: {len(problems) - len(missing)} of {len(problems)} problems already sampled in "
+                  f"{samples_path}")
         model_path = args.model_name_or_path
         if model_path is None:
             from fipo_trl._tiny import build_tiny_model
 
             model_path = str(build_tiny_model(output_dir / TINY_MODEL_DIR))
-        from transformers import AutoTokenizer
-
-        prompts = build_prompts(AutoTokenizer.from_pretrained(model_path), problems, args)
-        generate = (vllm_generator if use_vllm else transformers_generator)(model_path, args)
-        for start in range(len(completions), len(problems), args.batch_size):
+        generate, prompts = load_generator(model_path, problems, args, use_vllm)
+        if saved is None:  # written once the model has loaded: a failed load leaves nothing that blocks a rerun
+            samples_path.write_text(json.dumps(sampling_header(args)) + "\n")
+            saved = {}
+        for start in range(0, len(problems), args.batch_size):
             end = min(start + args.batch_size, len(problems))
-            batch = generate(prompts[start:end], seed=args.seed + start)  # per-batch seed: resuming is reproducible
-            append_samples(samples_path, start, problems[start:end], references[start:end], batch)
-            completions += batch
+            todo = [i for i in range(start, end) if i not in saved]
+            if not todo:
+                continue
+            # The whole batch with its own seed, so that the samples are those of an uninterrupted run.
+            batch = generate(prompts[start:end], seed=args.seed + start)
+            append_samples(samples_path, todo, [problems[i] for i in todo], [references[i] for i in todo],
+                           [batch[i - start] for i in todo])
+            saved.update((i, batch[i - start]) for i in todo)
+    completions = [saved[i] for i in range(len(problems))]
 
     scores = load_math_metric().compute(predictions=completions, references=references,
                                         k=args.pass_k or sorted({1, args.k}), timeout_seconds=args.timeout_seconds)

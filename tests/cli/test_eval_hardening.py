@@ -7,6 +7,7 @@ inputs by name.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,91 @@ def test_missing_completions_score_as_wrong_and_numeric_references_as_text(metri
     metric.add(prediction=["\\boxed{7}", None], reference=7)  # add / add_batch take the same inputs
     metric.add_batch(predictions=[[None, None]], references=["1"])
     assert metric.compute(k=2)["correct_counts"] == [1, 0]
+
+
+# --- Round 2: damaged sample lines, the dtype, a model that does not load, answers that are not one value ---------
+
+@pytest.mark.parametrize("damage", [b"[]", b"{not json", b'{"index": 1}', b'"a string"', b'{"index": 1, "problem": '
+                                    b'"what is one plus one ?", "reference": "2", "completions": ["only one"]}'])
+def test_a_damaged_line_in_the_middle_is_skipped_and_every_intact_sample_kept(tmp_path, monkeypatch, damage):
+    """The rerun used to truncate the file at the damaged line (every sample after it lost); `[]` raised an
+    AttributeError."""
+    straight = tiny_eval(tmp_path / "straight")
+    out = tmp_path / "out"
+    tiny_eval(out)
+    path = out / SAMPLES_FILE
+    lines = path.read_bytes().splitlines(keepends=True)  # header, problems 0-3
+    path.write_bytes(b"".join([lines[0], lines[1], damage + b"\n", lines[3], lines[4]]))  # problem 1 damaged
+    calls = count_generate_calls(monkeypatch)
+    with pytest.warns(UserWarning, match=r"skipped 1 damaged line\(s\) \(line 3\); the 3 intact samples are kept"):
+        results = tiny_eval(out)
+    assert calls == [1]  # only problem 1 is sampled again
+    assert [s["completions"] for s in results["samples"]] == [s["completions"] for s in straight["samples"]]
+    kept = path.read_bytes().splitlines(keepends=True)
+    assert kept[:5] == [lines[0], lines[1], damage + b"\n", lines[3], lines[4]]  # nothing after the damage lost
+    assert json.loads(kept[5])["index"] == 1 and len(kept) == 6
+
+
+def test_a_hole_is_filled_with_the_samples_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """With batches of 2, the batch holding the damaged line is generated again with its own seed."""
+    straight = tiny_eval(tmp_path / "straight", "--batch_size", 2)
+    out = tmp_path / "out"
+    tiny_eval(out, "--batch_size", 2)
+    path = out / SAMPLES_FILE
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([lines[0], lines[1], lines[2], lines[3], b"garbage\n"]))  # problem 3 damaged
+    calls = count_generate_calls(monkeypatch)
+    with pytest.warns(UserWarning, match="damaged"):
+        results = tiny_eval(out, "--batch_size", 2)
+    assert calls == [2]
+    assert [s["completions"] for s in results["samples"]] == [s["completions"] for s in straight["samples"]]
+
+
+def test_a_damaged_header_is_refused_and_a_header_only_file_never_blocks(tmp_path, no_model_load):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SAMPLES_FILE).write_text('[]\n{"index": 0}\n')
+    with pytest.raises(ValueError, match="is not an eval samples file.*Fix"):
+        eval_main(tmp_path, "--k", 2)
+    other = evaluation.sampling_header(EvalArguments(model_name_or_path="org/typo", k=7))
+    (out / SAMPLES_FILE).write_text(json.dumps(other) + "\n")  # left by a run that never sampled anything
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past the samples check: the load comes next
+        eval_main(tmp_path, "--k", 2)
+
+
+def test_a_dtype_no_model_loads_in_is_refused_before_anything_is_written(tmp_path, no_model_load):
+    with pytest.raises(ValueError, match=r"--dtype 'float8_e4m3fn': a model is loaded in one of auto, bfloat16, "
+                                         r"float16, float32\. Fix"):
+        eval_main(tmp_path, "--dtype", "float8_e4m3fn")
+    assert not (tmp_path / "out" / SAMPLES_FILE).exists()
+
+
+def test_a_model_that_does_not_load_is_one_error_line_and_the_corrected_rerun_runs(tmp_path, capsys):
+    from fipo_trl import cli
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--model_name_or_path", "nonexistent-org/mistyped-model", "--output_dir", str(out),
+                  *map(str, SMALL)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fipo-trl: error: --model_name_or_path 'nonexistent-org/mistyped-model' could not be "
+                            "loaded") and "Fix" in error
+    assert not (out / SAMPLES_FILE).exists()  # no header written before the model loaded
+    assert tiny_eval(out)["num_problems"] == 4  # the corrected run (the built-in model) is not refused
+
+
+@pytest.mark.parametrize("answer", [[3], {"value": 3}, ["3", "4"]])
+def test_an_answer_that_is_not_one_value_is_refused_naming_the_column(tmp_path, no_model_load, answer):
+    """It was stringified ("[3]"), so a correct \\boxed{3} scored 0."""
+    data = write_jsonl(tmp_path / "problems.jsonl", [{"problem": "1 + 2 ?", "answer": answer}])
+    with pytest.raises(ValueError, match=rf"--answer_column 'answer': row 0 of .* is a {type(answer).__name__} "
+                                         r".*not one answer.*Fix"):
+        eval_main(tmp_path, "--dataset_name", data)
+
+
+def test_the_results_table_escapes_a_pipe_in_a_name():
+    table = evaluation.markdown_table("org/model|x", "data|set <b>", {"avg@2": 0.5, "pass@2": 1.0})
+    row = table.splitlines()[2]
+    cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert cells == [r"org/model\|x", r"data\|set &lt;b&gt;", "50.0", "100.0"]
