@@ -15,15 +15,24 @@ closes both holes with two narrow pieces:
   the complete ones.
 
 Folders saved by older versions or other tools have no marker; for them completeness is decided from the files
-alone (``checkpoint_problems``), including a cheap truncation check of safetensors and torch zip files.
+alone (``checkpoint_problems``), including a cheap truncation check of safetensors and torch zip files. A finished
+``save_only_model`` save is complete as a model, not partial (``MODEL_ONLY``).
+
+``train`` also keeps one run per output_dir: the main process holds ``_fipo_trl_run.lock`` in it for the run
+(``acquire_output_dir_lock``), and a run that does not resume refuses another run's checkpoints
+(``check_fresh_output_dir``). Each checkpoint records the run's settings (``fipo_run_settings.json``); a resume
+refuses another architecture or dynamic-sampling seed and warns about every other change (``compare_run_settings``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import socket
 import struct
+import time
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -144,6 +153,20 @@ def _training_state_problems(folder: Path) -> list[str]:
     return problems
 
 
+MODEL_ONLY = ("saved with save_only_model=True: model weights and trainer state only, no optimizer, scheduler or "
+              "RNG state")
+
+
+def _has_training_state_files(folder: Path) -> bool:
+    patterns = ("optimizer*", "scheduler.pt", "rng_state*.pth", "rank*-of-*-optimizer.pt", "global_step*")
+    return any(any(folder.glob(pattern)) for pattern in patterns)
+
+
+def is_model_only(problems: list[str]) -> bool:
+    """Whether ``checkpoint_problems`` found a complete ``save_only_model`` checkpoint (not a partial one)."""
+    return problems == [MODEL_ONLY]
+
+
 def checkpoint_problems(folder: str | os.PathLike, training_state: bool = True) -> list[str]:
     """Why ``folder`` cannot be resumed from; an empty list means it is complete.
 
@@ -175,6 +198,9 @@ def checkpoint_problems(folder: str | os.PathLike, training_state: bool = True) 
                 problems.append(f"{other.name} is unreadable (truncated?)")
     problems += _weights_problems(folder)
     if training_state:
+        if not problems and not _has_training_state_files(folder):
+            # transformers writes trainer_state.json last: a finished save without any of these is model-only
+            return [MODEL_ONLY]
         problems += _training_state_problems(folder)
     return problems
 
@@ -207,6 +233,22 @@ def _describe(skipped) -> str:
     return "; ".join(f"{path} ({', '.join(problems)})" for path, problems in skipped)
 
 
+def _model_only_error(path) -> ValueError:
+    return ValueError(
+        f"resume_from_checkpoint: {path} was {MODEL_ONLY}, so training cannot continue exactly from it. Fix: add "
+        "--save_only_model true to resume from it anyway (the weights and the step count carry on; the optimizer "
+        f"moments, the learning-rate schedule and the RNG start afresh), or start a new run from its weights with "
+        f"--model_name_or_path {path}.")
+
+
+def _skip_message(path, problems, chosen) -> str:
+    if is_model_only(problems):
+        return (f"resume_from_checkpoint: skipping {path}, {MODEL_ONLY} (this run saves the full training state). "
+                f"Resuming from {chosen}, the newest complete checkpoint.")
+    return (f"resume_from_checkpoint: skipping the partial checkpoint {path} ({', '.join(problems)}; its save was cut "
+            f"short, e.g. by a kill or a full disk). Resuming from {chosen}, the newest complete checkpoint.")
+
+
 def resolve_resume(resume, output_dir, training_state: bool = True) -> tuple[str | None, list[str]]:
     """The checkpoint to resume from for ``train(resume_from_checkpoint=resume)``, and the warnings to show.
 
@@ -231,23 +273,35 @@ def resolve_resume(resume, output_dir, training_state: bool = True) -> tuple[str
             raise ValueError(
                 f"resume_from_checkpoint={str(resume)!r} does not exist (or is not a folder). Fix: pass one of the "
                 "run's checkpoint-<step> folders, or `true` for the newest complete checkpoint in --output_dir.")
+        if checkpoint_step(wanted) is None and list_checkpoints(wanted):  # a run's output_dir, not a checkpoint
+            notes = [f"resume_from_checkpoint={str(resume)!r} is a run's output_dir, not one of its checkpoints: "
+                     "resuming from its newest complete checkpoint."]
+            checkpoint, messages = resolve_resume(True, wanted, training_state)
+            return checkpoint, notes + messages
         problems = checkpoint_problems(wanted, training_state)
         if not problems:
             return str(wanted), []
+        if is_model_only(problems):
+            raise _model_only_error(wanted)
+        if checkpoint_step(wanted) is None and not (wanted / "trainer_state.json").exists():
+            raise ValueError(
+                f"resume_from_checkpoint={str(resume)!r} is not a checkpoint: it has no trainer_state.json and no "
+                "checkpoint-<step> folders (a saved model, or another folder). Fix: pass one of a run's "
+                "checkpoint-<step> folders (or `true` for the newest in --output_dir); to start a new run from a "
+                "saved model, pass it as --model_name_or_path instead.")
         folder = wanted.parent
     below = None if wanted is None else checkpoint_step(wanted)
     chosen, skipped = newest_complete_checkpoint(folder, training_state, below)
     if wanted is not None:
         skipped.insert(0, (wanted, problems))
     if chosen is None:
+        if skipped and all(is_model_only(problems) for _, problems in skipped):
+            raise _model_only_error(skipped[0][0])
         raise ValueError(
             f"resume_from_checkpoint: no complete checkpoint to resume from; partial (a kill or a full disk during "
-            f"the save): {_describe(skipped)}. Fix: point --resume_from_checkpoint at a complete checkpoint, or drop "
-            "it to start from scratch.")
-    return str(chosen), [
-        f"resume_from_checkpoint: skipping the partial checkpoint {path} ({', '.join(problems)}; its save was cut "
-        f"short, e.g. by a kill or a full disk). Resuming from {chosen}, the newest complete checkpoint."
-        for path, problems in skipped]
+            f"the save) or model-only: {_describe(skipped)}. Fix: point --resume_from_checkpoint at a complete "
+            "checkpoint, or drop it to start from scratch.")
+    return str(chosen), [_skip_message(path, problems, chosen) for path, problems in skipped]
 
 
 def set_aside_incomplete(output_dir, after_step: int, training_state: bool = True) -> list[str]:
@@ -259,7 +313,7 @@ def set_aside_incomplete(output_dir, after_step: int, training_state: bool = Tru
         if checkpoint_step(checkpoint) <= after_step:
             continue
         problems = checkpoint_problems(checkpoint, training_state)
-        if not problems:
+        if not problems or is_model_only(problems):  # a finished save_only_model save is not partial
             continue
         target, n = checkpoint.with_name(SET_ASIDE_PREFIX + checkpoint.name), 1
         while target.exists():
@@ -277,20 +331,38 @@ def set_aside_incomplete(output_dir, after_step: int, training_state: bool = Tru
 def prepare_resume(trainer, resume):
     """Resolve ``resume_from_checkpoint`` for ``trainer.train`` (see ``resolve_resume``) and set partial checkpoints
     aside. The main process decides and every process gets its answer, so all resume from the same folder."""
-    training_state = not trainer.args.save_only_model
+    args = trainer.args
+    training_state = not args.save_only_model
     result = None
     if trainer.accelerator.is_main_process:
+        locked = False
         try:
-            checkpoint, messages = resolve_resume(resume, trainer.args.output_dir, training_state)
+            acquire_output_dir_lock(args.output_dir)  # held until train() ends (release_output_dir_lock)
+            locked = True
+            checkpoint, messages = resolve_resume(resume, args.output_dir, training_state)
             step = 0
-            if checkpoint is not None:
+            trainer._fipo_resume_history = []
+            if checkpoint is None:
+                messages += check_fresh_output_dir(args.output_dir, getattr(args, "overwrite_output_dir", False))
+            else:
+                check_resume_before_load(checkpoint, args, trainer.accelerator.unwrap_model(trainer.model).config)
                 state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
                 step = state["global_step"]
-            messages += set_aside_incomplete(trainer.args.output_dir, step, training_state)
+                saved = read_run_settings(checkpoint)
+                trainer._fipo_resume_history = list((saved or {}).get("resumed", []))
+                changes = compare_run_settings(saved, run_settings(trainer))
+                if changes:
+                    trainer._fipo_resume_history.append({"step": step, "changes": changes})
+                    messages.append(f"resume_from_checkpoint: {checkpoint} was saved with other settings: "
+                                    f"{'; '.join(changes)}. The run continues with the new ones; the model card "
+                                    "records the change.")
+            messages += set_aside_incomplete(args.output_dir, step, training_state)
             for message in messages:
                 warnings.warn(message, UserWarning, stacklevel=3)
             result = ("ok", checkpoint)
         except Exception as error:  # noqa: BLE001 - re-raised below, on every process (none is left waiting)
+            if locked:
+                release_output_dir_lock(args.output_dir)
             result = ("error", error)
     if trainer.accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -299,6 +371,253 @@ def prepare_resume(trainer, resume):
     if result[0] == "error":
         raise result[1]
     return result[1]
+
+
+# --- One run per output_dir -------------------------------------------------------------------------------------
+
+LOCK_FILE = "_fipo_trl_run.lock"  # "_*": left out of Hub uploads of output_dir
+_held_locks: dict[str, list] = {}  # real path of output_dir -> [open lock file, holders in this process]
+
+
+def acquire_output_dir_lock(output_dir) -> None:
+    """Take the run's lock on ``output_dir`` (``<output_dir>/_fipo_trl_run.lock``, an exclusive ``flock``), or
+    raise ValueError naming the run that holds it. The kernel drops the lock when its process ends, however it
+    ends, so the file a dead run left behind is simply taken over. Re-entrant within a process (the CLI takes it
+    before the model loads, ``train`` again): release as often as acquired."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"output_dir {str(output_dir)!r} cannot be created ({error}). Fix: pass a folder you can "
+                         "write to as --output_dir.") from None
+    key = os.path.realpath(folder)
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        return
+    path = folder / LOCK_FILE
+    while True:
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+        except OSError as error:
+            raise ValueError(f"output_dir {str(output_dir)!r}: cannot create the run's lock file {path} ({error}). "
+                             "Fix: pass a folder you can write to as --output_dir.") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ValueError(
+                f"output_dir {str(output_dir)!r} is in use by another fipo_trl run ({holder}); two runs writing one "
+                "output_dir overwrite each other's checkpoints. Fix: wait for that run to end, or pass another "
+                f"--output_dir. (The lock is {path}; the system releases it when that run's process ends.)") from None
+        except OSError:  # a filesystem without flock (some network mounts): run unlocked rather than not at all
+            handle.close()
+            warnings.warn(f"output_dir {str(output_dir)!r}: this filesystem does not support file locks, so a second "
+                          "run into the same output_dir would not be stopped.", UserWarning, stacklevel=3)
+            return
+        try:  # the holder may have removed the file between our open and flock: lock the file that is there
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC\n")
+    handle.flush()
+    _held_locks[key] = [handle, 1]
+
+
+def release_output_dir_lock(output_dir) -> None:
+    key = os.path.realpath(output_dir)
+    if key not in _held_locks:
+        return
+    _held_locks[key][1] -= 1
+    if _held_locks[key][1] == 0:
+        handle, _ = _held_locks.pop(key)
+        Path(output_dir, LOCK_FILE).unlink(missing_ok=True)  # unlinked while still locked: see the samestat check
+        handle.close()
+
+
+@contextmanager
+def output_dir_lock(output_dir, take: bool = True):
+    """Hold the run's lock on ``output_dir`` for the block (``take`` False: a process that is not the main one)."""
+    if take:
+        acquire_output_dir_lock(output_dir)
+    try:
+        yield
+    finally:
+        if take:
+            release_output_dir_lock(output_dir)
+
+
+def check_fresh_output_dir(output_dir, overwrite: bool = False) -> list[str]:
+    """A run that does not resume must not save into an output_dir that holds another run's checkpoints: its
+    checkpoint-2 would overwrite theirs, and a later resume would continue the old run from its newer steps. Raise
+    ValueError naming the fixes; with ``overwrite``, move the old checkpoints to ``previous-run-<n>/`` (kept)
+    and return the message saying so."""
+    old = list_checkpoints(output_dir)
+    if not old:
+        return []
+    if not overwrite:
+        names = ", ".join(p.name for p in old[-3:]) + (" ..." if len(old) > 3 else "")
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} already holds checkpoints of a run ({names}), and this run does not "
+            "resume: its saves would overwrite them and mix two runs. Fix: pass --resume_from_checkpoint true to "
+            "continue that run, or --overwrite_output_dir true to start over (the old checkpoints are moved to "
+            "previous-run-<n>/ in it, not deleted), or pass a new --output_dir.")
+    n = 1
+    while (Path(output_dir) / f"previous-run-{n}").exists():
+        n += 1
+    target = Path(output_dir) / f"previous-run-{n}"
+    target.mkdir()
+    for checkpoint in old:
+        checkpoint.rename(target / checkpoint.name)
+        saving_marker(checkpoint).unlink(missing_ok=True)
+    return [f"overwrite_output_dir: moved the {len(old)} checkpoint(s) of the earlier run in {output_dir} to {target} "
+            "(kept, out of this run's way). Delete that folder once you no longer need it."]
+
+
+# --- What a run used, recorded in each checkpoint and compared at resume -------------------------------------------
+
+RUN_SETTINGS_FILE = "fipo_run_settings.json"
+# The settings whose change a resumed run is told about (and the card records): the loss, the batch geometry, the
+# sampling. A change here does not break the run; what does is in compare_run_settings.
+COMPARED_SETTINGS = (
+    "fipo_decay_rate", "fipo_clip_ratio", "fipo_clip_high_only", "fipo_safety_threshold", "fipo_sequence_filter",
+    "delta", "epsilon", "epsilon_high", "beta", "loss_type", "importance_sampling_level", "num_generations",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation", "num_iterations",
+    "learning_rate", "max_completion_length", "temperature", "seed", "dynamic_sampling",
+)
+# Config entries that fix the shapes of the weights: a checkpoint of another architecture cannot load.
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer", "n_head", "d_model")
+
+
+def dataset_identity(dataset) -> dict | None:
+    """Rows, columns and a hash of the prompts: enough to tell another dataset from the same one reloaded (the
+    datasets fingerprint is random for in-memory datasets)."""
+    try:
+        rows = len(dataset)
+        prompts = dataset["prompt"]
+    except (TypeError, KeyError):  # streaming, or no prompt column
+        return None
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps(prompt, sort_keys=True, default=str).encode())
+        digest.update(b"\0")
+    return {"rows": rows, "columns": list(dataset.column_names), "prompts_sha256": digest.hexdigest()[:16]}
+
+
+def run_settings(trainer) -> dict:
+    """What this run uses (computed once per trainer; the dataset hash reads every prompt)."""
+    cached = getattr(trainer, "_fipo_run_settings", None)
+    if cached is None:
+        settings = {name: getattr(trainer.args, name, None) for name in COMPARED_SETTINGS}
+        settings["world_size"] = trainer.accelerator.num_processes
+        cached = {"settings": settings, "dataset": dataset_identity(trainer.train_dataset)}
+        trainer._fipo_run_settings = cached
+    return cached
+
+
+def read_run_settings(checkpoint) -> dict | None:
+    try:
+        return json.loads((Path(checkpoint) / RUN_SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # a checkpoint from before fipo_trl recorded them, or of another tool
+
+
+def check_architecture(checkpoint, model_config, model_name: str = "the model") -> None:
+    """Refuse a checkpoint whose weights have other shapes than the model's: transformers would fail with a raw
+    size mismatch after loading (or, for some layers, load them partly)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # an adapter checkpoint, or no config: nothing to compare
+    current = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    differ = [f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} in {model_name}" for key in ARCHITECTURE_KEYS
+              if key in saved and key in current and saved[key] != current[key]]
+    if differ:
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} is of another model architecture ({'; '.join(differ)}), so its "
+            "weights cannot be loaded into this model. Fix: pass the model the run was trained from as "
+            "--model_name_or_path, or start a new run (drop --resume_from_checkpoint, in a new --output_dir).")
+
+
+def check_dynamic_sampling_seed(checkpoint, args) -> None:
+    """With dynamic sampling the refill stream resumes from its saved position, which only means something under
+    the seed it was drawn with: refuse another seed before anything loads."""
+    if not getattr(args, "dynamic_sampling", False):
+        return
+    saved = (read_run_settings(checkpoint) or {}).get("settings", {}).get("seed")
+    if saved is None:
+        try:  # checkpoints from before the settings file: the stream's own state has its seed (the run's seed + 1)
+            saved = json.loads((Path(checkpoint) / "dynamic_sampling_state_0.json").read_text())["seed"] - 1
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+    if saved != args.seed:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} was trained with seed {saved} and dynamic sampling, "
+                         f"this run has seed {args.seed}: the refill stream cannot continue under another seed. "
+                         f"Fix: resume with --seed {saved}.")
+
+
+def compare_run_settings(saved: dict | None, current: dict) -> list[str]:
+    """The changes between a checkpoint's recorded settings and this run's, as 'name: old -> new' lines."""
+    if not saved:
+        return []
+    changes = []
+    old, new = saved.get("settings", {}), current["settings"]
+    for name in new:
+        if name in old and old[name] != new[name]:
+            note = ""
+            if name == "world_size":
+                note = (" processes (the per-process RNG states of the other ranks are not restored, and the global "
+                        "batch changes with the number of processes)")
+            changes.append(f"{name}: {old[name]!r} -> {new[name]!r}{note}")
+    old_data, new_data = saved.get("dataset"), current.get("dataset")
+    if old_data and new_data and old_data != new_data:
+        changes.append(f"train_dataset: another dataset ({old_data.get('rows')} rows, prompts "
+                       f"{old_data.get('prompts_sha256')} -> {new_data.get('rows')} rows, prompts "
+                       f"{new_data.get('prompts_sha256')}): the resumed data order does not continue the old one")
+    return changes
+
+
+def check_resume_before_load(checkpoint, args, model_config=None, model_name: str = "the model") -> None:
+    """What breaks a resumed run, checked before the model and the checkpoint load: another architecture, another
+    seed under dynamic sampling."""
+    if checkpoint is None:
+        return
+    if model_config is not None:
+        check_architecture(checkpoint, model_config, model_name)
+    check_dynamic_sampling_seed(checkpoint, args)
+
+
+def check_output_dir_before_load(args, model_name_or_path: str | None = None) -> None:
+    """For ``fipo-trl train``, before anything loads: a resume flag must resolve to a complete checkpoint of this
+    model's architecture (and seed, under dynamic sampling); a fresh run must not mix its checkpoints with another
+    run's (see ``check_fresh_output_dir``; with overwrite_output_dir, train() moves them)."""
+    resume = args.resume_from_checkpoint
+    if resume in (None, False) or (isinstance(resume, str) and resume.strip().lower() == "false"):
+        if not getattr(args, "overwrite_output_dir", False):
+            check_fresh_output_dir(args.output_dir)
+    else:
+        checkpoint, _ = resolve_resume(resume, args.output_dir, not args.save_only_model)
+        config = None
+        if model_name_or_path is not None:
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=args.trust_remote_code)
+            except Exception:  # noqa: BLE001 - an unreadable model is reported by its load, with its own error
+                config = None
+        check_resume_before_load(checkpoint, args, config, model_name_or_path or "the model")
 
 
 # --- Saving ------------------------------------------------------------------------------------------------------
@@ -317,6 +636,13 @@ def _fsync_tree(folder: Path) -> None:
                 pass  # some filesystems refuse fsync on read-only descriptors; the data is still written
             finally:
                 os.close(fd)
+
+
+def write_run_settings(trainer, folder: Path) -> None:
+    """Record in the checkpoint what the run used (compared when a run resumes from it) and the settings changes
+    of earlier resumes (the model card lists them)."""
+    record = {**run_settings(trainer), "resumed": getattr(trainer, "_fipo_resume_history", [])}
+    (folder / RUN_SETTINGS_FILE).write_text(json.dumps(record, indent=1, default=str))
 
 
 @contextmanager
@@ -355,6 +681,7 @@ def guard_checkpoint_saves(trainer):
             if not (folder / "trainer_state.json").is_file():
                 raise RuntimeError(_INTERNAL_GONE.format(
                     name="_save_checkpoint", problem=f"did not write {folder / 'trainer_state.json'} as expected"))
+            write_run_settings(trainer, folder)
             _fsync_tree(folder)
             marker.unlink(missing_ok=True)
 
@@ -371,10 +698,15 @@ def guard_checkpoint_saves(trainer):
 class SafeCheckpointsMixin:
     """Mix in before ``transformers.Trainer`` (FIPOTrainer does): ``train`` becomes safe against checkpoints cut
     short by a kill or a full disk. Resuming (True, "true" or a path) uses the newest *complete* checkpoint and warns
-    about each partial one it skips, and every save is marked in progress until it has finished. Nothing here is
-    specific to FIPO."""
+    about each partial one it skips, and every save is marked in progress until it has finished. One run at a time
+    writes output_dir (a lock), a fresh run never mixes its checkpoints with an earlier run's, and a resume is told
+    what settings changed. Nothing here is specific to FIPO."""
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)
-        with guard_checkpoint_saves(self):
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+        resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)  # the main process now holds the lock
+        try:
+            with guard_checkpoint_saves(self):
+                return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self.accelerator.is_main_process:
+                release_output_dir_lock(self.args.output_dir)

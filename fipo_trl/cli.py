@@ -29,7 +29,7 @@ from trl import (
     get_quantization_config,
 )
 
-from fipo_trl.checkpoints import check_output_dir_before_load, release_output_dir_lock
+from fipo_trl.checkpoints import acquire_output_dir_lock, check_output_dir_before_load, release_output_dir_lock
 from fipo_trl.config import FIPOConfig
 from fipo_trl.hub import warn_hub_failure
 from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs, is_input_error
@@ -259,14 +259,16 @@ def train(argv: list[str]):
     with checking_inputs():  # every flag and the data are checked here, before anything loads
         script_args, training_args, model_args, dataset_args = parse_train_args(argv)
         check_output_dir(training_args.output_dir)
-        # the run's lock on output_dir; a resume flag that resolves, or a fresh run that mixes no checkpoints
-        check_output_dir_before_load(training_args, model_args.model_name_or_path)
         embedded = model_args.model_name_or_path is None
         reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
         check_script_flags(script_args, training_args, model_args, reward_names)
         reward_funcs = load_reward_funcs(reward_names, training_args, script_args)
         dataset, dataset_name = load_training_data(script_args, dataset_args, embedded)
         check_eval_split(dataset, script_args, training_args)
+        # a resume flag that resolves to a usable checkpoint, or a fresh run that mixes no checkpoints
+        check_output_dir_before_load(training_args, model_args.model_name_or_path)
+        if training_args.process_index == 0:  # the run's lock, last: no bad input leaves a folder or a held lock
+            acquire_output_dir_lock(training_args.output_dir)
     if embedded:
         from fipo_trl._tiny import build_tiny_model
 
@@ -305,7 +307,8 @@ def train(argv: list[str]):
         trainer.push_to_hub(dataset_name=dataset_name)
     if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
         save_merged_model(trainer, push=training_args.push_to_hub)
-    release_output_dir_lock(training_args.output_dir)  # taken by check_output_dir_before_load
+    if training_args.process_index == 0:
+        release_output_dir_lock(training_args.output_dir)
     return trainer
 
 

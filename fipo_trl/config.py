@@ -119,6 +119,14 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         bf16 (`bool`, *optional*):
             Unset, it follows the hardware: on where a GPU supports bfloat16, off on a CPU-only machine (where TRL's
             default `True` would fail).
+
+        > Parameters that control the output directory
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Start a fresh run in an `output_dir` that holds another run's `checkpoint-<step>` folders: they are moved
+            to `output_dir/previous-run-<n>/` (kept, never deleted). Without it, and without
+            `resume_from_checkpoint`, `FIPOTrainer.train` refuses such an `output_dir`, so two runs' checkpoints
+            never mix. (transformers 5 removed its own field of this name.)
     """
 
     # FIPO fields ---------------------------------------------------------------------------------------------
@@ -172,6 +180,12 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         default=2,
         metadata={"help": "Generation batches over which `fipo/weight_changed_ratio` is pooled for the "
                   "FIPO-is-inert warning (`fipo_inert_threshold`)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a fresh run in an output_dir that holds another run's checkpoint-<step> folders: "
+                  "they are moved to output_dir/previous-run-<n>/ (kept). Without it, and without "
+                  "--resume_from_checkpoint, such an output_dir is refused, so two runs' checkpoints never mix."},
     )
 
     # GRPO fields whose defaults FIPO changes -------------------------------------------------------------------

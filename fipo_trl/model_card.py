@@ -144,5 +144,6 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
         eval_table=[{"dataset": d, "metric": m, "value": _fmt(v)} for d, ms in eval_results.items()
                     for m, v in ms.items()],
         versions=_versions(), fipo_citation=trainer._paper["citation"],
+        resume_changes=getattr(trainer, "_fipo_resume_history", []),  # settings changed by a resume
         md=markdown_text, py=python_literal,  # every user-supplied string goes through one of them
     )

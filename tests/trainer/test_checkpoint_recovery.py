@@ -22,6 +22,7 @@ import torch
 
 from fipo_trl.checkpoints import (
     checkpoint_problems,
+    is_model_only,
     list_checkpoints,
     newest_complete_checkpoint,
     resolve_resume,
@@ -170,6 +171,8 @@ def test_sharded_adapter_and_model_only_checkpoints(reference, tmp_path):
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (model_only / name).unlink()
     assert checkpoint_problems(model_only, training_state=False) == []
+    assert is_model_only(checkpoint_problems(model_only))  # a finished model-only save, not a partial one
+    (model_only / "scheduler.pt").write_bytes(b"")  # but one training-state file: a save cut short
     assert len(checkpoint_problems(model_only)) == 3
 
 

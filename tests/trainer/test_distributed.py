@@ -40,6 +40,8 @@ def test_ddp_config_trains_on_two_processes(tiny_model_path, tmp_path):
     assert ranks[0]["logged_active"] == ranks[1]["logged_active"]  # metrics are reduced over ranks
     assert ranks[0]["param_sum"] == ranks[1]["param_sum"] and ranks[0]["param_head"] == ranks[1]["param_head"]
     assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]
+    # only the main process took the output_dir lock (another rank taking it would have failed), released at the end
+    assert not (tmp_path / "out" / "_fipo_trl_run.lock").exists()
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
@@ -102,6 +104,7 @@ def test_dynamic_sampling_on_two_processes_and_its_resume(tiny_model_path, tmp_p
     checkpoint = tmp_path / "full" / "checkpoint-4"
     assert (checkpoint / "dynamic_sampling_state_0.json").exists()
     assert (checkpoint / "dynamic_sampling_state_1.json").exists()
+    assert json.loads((checkpoint / "fipo_run_settings.json").read_text())["settings"]["world_size"] == 2
     resumed = launch_dynamic_sampling(tmp_path, tiny_model_path, "resumed", checkpoint=checkpoint)
     for before, after in zip(full, resumed):
         assert after["batches"] == before["batches"][2:]  # the same refill prompts and advantages

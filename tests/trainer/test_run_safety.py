@@ -1,0 +1,246 @@
+"""One run per output_dir, and resumes that continue the run they name (fipo_trl/checkpoints.py): a fresh run never
+mixes its checkpoints with another run's, a second run into a busy output_dir is refused (a dead run's lock is taken
+over), a resume with changed settings is told what changed (the card records it) and refused where the change
+breaks the run, and each kind of folder passed to resume_from_checkpoint is named for what it is."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import transformers
+
+from fipo_trl import FIPOConfig, FIPOTrainer, cli
+from fipo_trl._tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
+from fipo_trl.checkpoints import (
+    LOCK_FILE,
+    RUN_SETTINGS_FILE,
+    acquire_output_dir_lock,
+    check_dynamic_sampling_seed,
+    checkpoint_problems,
+    is_model_only,
+    release_output_dir_lock,
+    resolve_resume,
+    set_aside_incomplete,
+)
+
+SETTINGS = dict(bf16=False, per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=2,
+                learning_rate=1e-2, fipo_updates_per_generation=2, report_to="none", logging_steps=1,
+                save_strategy="steps", save_steps=2, gradient_checkpointing=False, seed=0, disable_tqdm=True)
+
+
+def make_trainer(model_path, output_dir, dataset=None, **overrides):
+    args = FIPOConfig(output_dir=str(output_dir), **{**SETTINGS, **overrides})
+    return FIPOTrainer(model=model_path, reward_funcs=digit_reward, args=args,
+                       train_dataset=dataset if dataset is not None else tiny_prompt_dataset(16))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_path, tmp_path_factory):
+    """A 2-step run with its checkpoint-2."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    make_trainer(tiny_model_path, output_dir).train()
+    assert (output_dir / "checkpoint-2" / RUN_SETTINGS_FILE).is_file() and not (output_dir / LOCK_FILE).exists()
+    return output_dir
+
+
+def copy_run(finished_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run
+
+
+def data_file(tmp_path) -> str:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"what is {w} plus one ?", "answer": "2"}) + "\n"
+                            for w in ("one", "two", "three", "four") * 4))
+    return str(path)
+
+
+def cli_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", *args])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fipo-trl: error: "), error
+    return error
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output_dir was checked")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
+# --- A fresh run into another run's output_dir -------------------------------------------------------------------
+
+def test_a_fresh_run_refuses_an_output_dir_holding_another_runs_checkpoints(tiny_model_path, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    before = (run / "checkpoint-2" / "model.safetensors").read_bytes()
+    trainer = make_trainer(tiny_model_path, run)
+    match = (r"already holds checkpoints of a run \(checkpoint-2\).*--resume_from_checkpoint true.*"
+             r"--overwrite_output_dir true.*new --output_dir")
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0 and (run / "checkpoint-2" / "model.safetensors").read_bytes() == before
+    assert not (run / LOCK_FILE).exists()  # released on the error
+
+
+def test_overwrite_output_dir_moves_the_old_checkpoints_aside(tiny_model_path, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    old = (run / "checkpoint-2" / "model.safetensors").read_bytes()
+    trainer = make_trainer(tiny_model_path, run, overwrite_output_dir=True, learning_rate=5e-2)
+    with pytest.warns(UserWarning, match=r"moved the 1 checkpoint\(s\) of the earlier run .* to .*previous-run-1"):
+        trainer.train()
+    assert (run / "previous-run-1" / "checkpoint-2" / "model.safetensors").read_bytes() == old  # kept
+    assert (run / "checkpoint-2" / "model.safetensors").read_bytes() != old  # the new run's own checkpoint
+
+
+def test_the_cli_refuses_it_before_the_model_loads(finished_run, tmp_path, capsys, no_model_load):
+    run = copy_run(finished_run, tmp_path)
+    error = cli_error(capsys, "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(run),
+                      "--dataset_name", data_file(tmp_path))
+    assert "already holds checkpoints" in error and "--overwrite_output_dir true" in error
+
+
+# --- The lock ----------------------------------------------------------------------------------------------------
+
+HOLDER = ("import sys; from fipo_trl.checkpoints import acquire_output_dir_lock as a; a(sys.argv[1]); "
+          "print('held', flush=True); sys.stdin.read()")
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_model_path,
+                                                                                             tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"output_dir '{re.escape(str(out))}' is in use by another fipo_trl run \(pid {holder.pid} on "
+        with pytest.raises(ValueError, match=busy + r".*Fix: wait for that run to end, or pass another --output_dir"):
+            acquire_output_dir_lock(out)
+        trainer = make_trainer(tiny_model_path, out, save_strategy="no")
+        with pytest.raises(ValueError, match=busy):
+            trainer.train()
+        assert trainer.state.global_step == 0
+        error = cli_error(capsys, "--output_dir", str(out), "--max_steps", "1")  # the embedded run, before it builds
+        assert re.search(busy, error) and not (out / "_base-model").exists()
+    finally:
+        holder.kill()  # like a crash: the lock file stays behind
+        holder.wait()
+    assert f"pid {holder.pid}" in (out / LOCK_FILE).read_text()
+    acquire_output_dir_lock(out)  # the kernel dropped the dead process's lock: taken over
+    acquire_output_dir_lock(out)  # re-entrant in one process
+    assert f"pid {__import__('os').getpid()}" in (out / LOCK_FILE).read_text()
+    release_output_dir_lock(out)
+    assert (out / LOCK_FILE).exists()
+    release_output_dir_lock(out)
+    assert not (out / LOCK_FILE).exists()
+
+
+# --- Resuming with other settings --------------------------------------------------------------------------------
+
+def test_a_resume_with_changed_settings_warns_and_the_card_records_it(tiny_model_path, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    record = json.loads((run / "checkpoint-2" / RUN_SETTINGS_FILE).read_text())
+    assert record["settings"]["fipo_decay_rate"] == 32.0 and record["settings"]["world_size"] == 1
+    record["settings"]["world_size"] = 2  # as if the checkpoint came from a 2-process run
+    (run / "checkpoint-2" / RUN_SETTINGS_FILE).write_text(json.dumps(record))
+    trainer = make_trainer(tiny_model_path, run, dataset=tiny_prompt_dataset(16, seed=1), max_steps=4,
+                           fipo_decay_rate=64.0, num_generations=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=True)
+    (message,) = [str(w.message) for w in caught if "was saved with other settings" in str(w.message)]
+    assert "fipo_decay_rate: 32.0 -> 64.0" in message and "num_generations: 4 -> 2" in message
+    assert "world_size: 2 -> 1 processes (the per-process RNG states" in message
+    assert "train_dataset: another dataset" in message and "seed" not in message.split("train_dataset")[0]
+    saved = json.loads((run / "checkpoint-4" / RUN_SETTINGS_FILE).read_text())
+    assert saved["settings"]["fipo_decay_rate"] == 64.0 and saved["resumed"][0]["step"] == 2
+    trainer.create_model_card()
+    card = (run / "README.md").read_text()
+    assert "The run was resumed with other settings" in card and "at step 2:" in card
+    assert "fipo_decay_rate: 32.0 -&gt; 64.0" in card or "fipo_decay_rate: 32.0 -> 64.0" in card
+
+
+def test_a_resume_with_the_same_settings_says_nothing(tiny_model_path, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    trainer = make_trainer(tiny_model_path, run, max_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=True)
+    assert not [w for w in caught if "other settings" in str(w.message)]
+    assert json.loads((run / "checkpoint-4" / RUN_SETTINGS_FILE).read_text())["resumed"] == []
+
+
+def test_another_seed_under_dynamic_sampling_is_refused_before_anything_loads(finished_run, tmp_path, capsys,
+                                                                            no_model_load):
+    run = copy_run(finished_run, tmp_path)
+    checkpoint = run / "checkpoint-2"
+    args = FIPOConfig(output_dir=str(run), **{**SETTINGS, "seed": 5}, dynamic_sampling=True)
+    with pytest.raises(ValueError, match=r"trained with seed 0 and dynamic sampling, this run has seed 5.*--seed 0"):
+        check_dynamic_sampling_seed(checkpoint, args)
+    (checkpoint / RUN_SETTINGS_FILE).unlink()  # an older checkpoint: the refill stream's own state has the seed
+    (checkpoint / "dynamic_sampling_state_0.json").write_text(json.dumps({"seed": 1, "epoch": 0, "position": 8}))
+    with pytest.raises(ValueError, match=r"trained with seed 0"):
+        check_dynamic_sampling_seed(checkpoint, args)
+    error = cli_error(capsys, "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(run),
+                      "--resume_from_checkpoint", str(checkpoint), "--dynamic_sampling", "true", "--seed", "5",
+                      "--dataset_name", data_file(tmp_path))
+    assert "--seed 0" in error
+
+
+def test_another_architecture_is_a_clear_error_before_the_checkpoint_loads(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    smaller = str(build_tiny_model(tmp_path / "smaller", hidden_size=32))
+    trainer = make_trainer(smaller, run, max_steps=4)
+    match = r"another model architecture \(hidden_size: 64 in the checkpoint, 32 in .*; intermediate_size"
+    with pytest.raises(ValueError, match=match):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
+    error = cli_error(capsys, "--model_name_or_path", smaller, "--output_dir", str(run),
+                      "--resume_from_checkpoint", "true", "--dataset_name", data_file(tmp_path))
+    assert re.search(match, error), error
+
+
+# --- What the folder passed to resume_from_checkpoint is ---------------------------------------------------------
+
+def make_model_only(checkpoint: Path) -> None:
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (checkpoint / name).unlink()
+
+
+def test_a_model_only_checkpoint_is_named_as_such_not_as_partial(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-4")
+    make_model_only(run / "checkpoint-4")
+    assert is_model_only(checkpoint_problems(run / "checkpoint-4"))
+    with pytest.raises(ValueError, match=r"checkpoint-4 was saved with save_only_model=True.*Fix: add "
+                                         r"--save_only_model true.*--model_name_or_path"):
+        resolve_resume(str(run / "checkpoint-4"), run)
+    assert resolve_resume(str(run / "checkpoint-4"), run, training_state=False)[0] == str(run / "checkpoint-4")
+    chosen, messages = resolve_resume(True, run)  # the newest full checkpoint, the model-only one named
+    assert chosen == str(run / "checkpoint-2") and len(messages) == 1
+    assert "skipping" in messages[0] and "save_only_model=True" in messages[0] and "kill" not in messages[0]
+    assert set_aside_incomplete(run, after_step=2) == [] and (run / "checkpoint-4").is_dir()  # complete: kept
+    make_model_only(run / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"was saved with save_only_model=True"):
+        resolve_resume(True, run)
+
+
+def test_the_output_dir_or_a_saved_model_passed_as_the_checkpoint(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    chosen, messages = resolve_resume(str(run), tmp_path / "elsewhere")
+    assert chosen == str(run / "checkpoint-2") and "is a run's output_dir, not one of its checkpoints" in messages[0]
+    model = tmp_path / "saved-model"
+    shutil.copytree(run / "checkpoint-2", model, ignore=shutil.ignore_patterns("trainer_state.json", "*.pt", "*.pth"))
+    with pytest.raises(ValueError, match=r"is not a checkpoint: it has no trainer_state.json.*--model_name_or_path"):
+        resolve_resume(str(model), run)
