@@ -108,6 +108,14 @@ def check_script_flags(script_args: FIPOScriptArguments, training_args: FIPOConf
     if script_args.merge_adapter and not model_args.use_peft:
         raise ValueError("--merge_adapter merges the run's LoRA adapter into the base model, but this run trains no "
                          "adapter. Fix: add --use_peft true, or drop --merge_adapter.")
+    if model_args.use_peft:  # peft accepts these and fails (or trains nothing) once the model is wrapped
+        r, alpha, dropout = model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"--lora_r {r!r}: the LoRA rank must be an integer >= 1. Fix: pass e.g. --lora_r 16.")
+        if not _is_number(alpha) or alpha <= 0:
+            raise ValueError(f"--lora_alpha {alpha!r}: must be a finite number > 0. Fix: pass e.g. --lora_alpha 32.")
+        if not _is_number(dropout) or not 0 <= dropout < 1:
+            raise ValueError(f"--lora_dropout {dropout!r}: must be in [0, 1). Fix: pass e.g. --lora_dropout 0.05.")
     timeout = script_args.reward_timeout_seconds
     if not _is_number(timeout) or not 0 < timeout <= MAX_CHECK_SECONDS:
         raise ValueError(f"--reward_timeout_seconds {timeout!r}: one math-verify check's limit must be a number of "
@@ -265,6 +273,7 @@ def train(argv: list[str]):
         reward_funcs = load_reward_funcs(reward_names, training_args, script_args)
         dataset, dataset_name = load_training_data(script_args, dataset_args, embedded)
         check_eval_split(dataset, script_args, training_args)
+        peft_config = get_peft_config(model_args)
         # a resume flag that resolves to a usable checkpoint, or a fresh run that mixes no checkpoints
         check_output_dir_before_load(training_args, model_args.model_name_or_path)
         if training_args.process_index == 0:  # the run's lock, last: no bad input leaves a folder or a held lock
@@ -295,7 +304,7 @@ def train(argv: list[str]):
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config,
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -128,6 +128,9 @@ BAD_TRAIN_FLAGS = [  # (flags, texts the error must contain)
     (["--reward_timeout_seconds", "1e12"], ["--reward_timeout_seconds 1000000000000.0", "(0, 86400]"]),
     (["--reward_timeout_seconds", "0"], ["--reward_timeout_seconds 0.0"]),
     (["--merge_adapter", "true"], ["--merge_adapter", "Fix: add --use_peft true, or drop --merge_adapter"]),
+    (["--use_peft", "true", "--lora_r", "0"], ["--lora_r 0", "integer >= 1"]),
+    (["--use_peft", "true", "--lora_alpha", "0"], ["--lora_alpha 0", "finite number > 0"]),
+    (["--use_peft", "true", "--lora_dropout", "1"], ["--lora_dropout 1.0", "[0, 1)"]),
     (["--eval_strategy", "steps"], ["--eval_strategy steps", "no 'test' split", "['train']",
                                     "--dataset_test_split", "--eval_strategy no"]),
 ]
