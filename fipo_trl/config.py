@@ -240,6 +240,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
             and self.fipo_updates_per_generation >= 1
         ):
             self.steps_per_generation = self.fipo_updates_per_generation * self.gradient_accumulation_steps
+        check_liger_loss_path(self)  # before the GPU check: on this TRL no machine could run it
         check_values(self)  # values TRL accepts that fail after the model loads (or in TRL's own checks)
         super().__post_init__()
         if not isinstance(self.fipo_updates_per_generation, int) or self.fipo_updates_per_generation < 1:
@@ -254,7 +255,6 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         window = self.fipo_inert_window
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"`fipo_inert_window` = {window!r} is invalid: it must be an integer >= 1 (generation "
-        check_liger_loss_path(self)  # before the GPU check: on this TRL no machine could run it
                              "batches; default 2).")
         check_trl_compatibility(self)
 
@@ -297,20 +297,6 @@ def check_trl_compatibility(args) -> None:
     if args.importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"`importance_sampling_level` = {args.importance_sampling_level!r} is invalid. Set "
                          "importance_sampling_level='token' (the official FIPO setting) or 'sequence' (GSPO).")
-
-# Counts TRL and transformers accept below their minimum: (minimum, what the value means).
-MINIMUM_COUNTS = {
-    "num_generations": (2, "completions per prompt; GRPO's advantages compare at least 2"),
-    "max_completion_length": (1, "tokens per completion"),
-    "per_device_train_batch_size": (1, "completions per device per micro-batch"),
-    "per_device_eval_batch_size": (1, "completions per device per eval batch"),
-}
-
-
-def check_values(args) -> None:
-    """Values GRPOConfig accepts that fail only after the model has loaded (in generate, torch or TRL), crash in
-    TRL's own checks (num_generations 0: ZeroDivisionError) or train silently wrong (nan, max_steps 0, beta < 0).
-    Each error names the field and the fix."""
     if args.loss_type == "luspo" and trl_older_than("1.10"):
         raise ValueError(
             f"`loss_type` = 'luspo' needs TRL 1.10 or later with FIPO: TRL {trl_version()} averages LUSPO's loss over "
@@ -335,6 +321,41 @@ def check_liger_loss_path(args) -> None:
             "use_liger_kernel=False, or upgrade TRL to 1.14 or later, where use_liger_kernel only patches the "
             "model's layers and the loss stays FIPO's.")
 
+
+# Counts TRL and transformers accept below their minimum: (minimum, what the value means).
+MINIMUM_COUNTS = {
+    "num_generations": (2, "completions per prompt; GRPO's advantages compare at least 2"),
+    "max_completion_length": (1, "tokens per completion"),
+    "per_device_train_batch_size": (1, "completions per device per micro-batch"),
+    "per_device_eval_batch_size": (1, "completions per device per eval batch"),
+}
+
+
+# Numbers whose range neither TRL nor transformers checks: torch or generate refuse them after the model has loaded,
+# or they do silently nothing. (field, valid?, the rule and fix)
+NUMBER_RULES = [
+    ("temperature", lambda v: v > 0, "sampling needs a temperature > 0 (GRPO compares several sampled completions per "
+     "prompt). Fix: use e.g. the official 1.0"),
+    ("top_p", lambda v: 0 < v <= 1, "it must be in (0, 1]; 1 keeps every token"),
+    ("top_k", lambda v: v >= 0, "it must be an integer >= 0 (0: no top-k cut)"),
+    ("min_p", lambda v: 0 <= v <= 1, "it must be in [0, 1], or unset"),
+    ("repetition_penalty", lambda v: v > 0, "it must be > 0 (1: no penalty)"),
+    ("learning_rate", lambda v: v >= 0, "it must be >= 0 (e.g. 1e-6)"),
+    ("beta", lambda v: v >= 0, "the KL coefficient must be >= 0 (0, the official FIPO value, needs no reference "
+     "model)"),
+    ("weight_decay", lambda v: v >= 0, "it must be >= 0 (0: none)"),
+    ("max_grad_norm", lambda v: v >= 0, "it must be >= 0 (0 turns gradient clipping off)"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "it must be in [0, 1) (default 0.9)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "it must be in [0, 1) (default 0.999)"),
+    ("adam_epsilon", lambda v: v >= 0, "it must be >= 0 (default 1e-8)"),
+]
+OPTIONAL_NUMBERS = {"top_k", "min_p", "max_grad_norm"}  # None: the feature is off
+
+
+def check_values(args) -> None:
+    """Values GRPOConfig accepts that fail only after the model has loaded (in generate, torch or TRL), crash in
+    TRL's own checks (num_generations 0: ZeroDivisionError) or train silently wrong (nan, max_steps 0, beta < 0).
+    Each error names the field and the fix."""
     for item in dataclasses.fields(args):
         value = getattr(args, item.name, None)
         for number in value if isinstance(value, (list, tuple)) else (value,):
@@ -350,20 +371,32 @@ def check_liger_loss_path(args) -> None:
                                                   or args.num_generations_eval < 1):
         raise ValueError(f"`num_generations_eval` = {args.num_generations_eval!r} is invalid: it must be an integer "
                          ">= 1, or unset to use num_generations.")
+    for name in ("steps_per_generation", "generation_batch_size"):  # 0 divides by zero in TRL and FIPO
+        value = getattr(args, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` = {value!r} is invalid: it must be an integer >= 1, or unset (FIPO then makes "
+                             "fipo_updates_per_generation updates per generation batch).")
     if isinstance(args.max_steps, bool) or not isinstance(args.max_steps, int) or (
             args.max_steps < 1 and args.max_steps != -1):
         raise ValueError(f"`max_steps` = {args.max_steps!r} is invalid (transformers would train one step at 0): it "
                          "must be an integer >= 1, or -1 to train for num_train_epochs.")
-    if not args.temperature > 0:
-        raise ValueError(f"`temperature` = {args.temperature!r} is invalid: sampling needs a temperature > 0 (GRPO "
-                         "compares several sampled completions per prompt). Use e.g. the official 1.0.")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"`top_p` = {args.top_p!r} is invalid: it must be in (0, 1]; 1 keeps every token.")
-    if args.learning_rate < 0:
-        raise ValueError(f"`learning_rate` = {args.learning_rate!r} is invalid: it must be >= 0 (e.g. 1e-6).")
-    if args.beta < 0:
-        raise ValueError(f"`beta` = {args.beta!r} is invalid: the KL coefficient must be >= 0 (0, the official "
-                         "FIPO value, needs no reference model).")
+    if args.max_steps == -1 and isinstance(args.num_train_epochs, (int, float)) and args.num_train_epochs <= 0:
+        raise ValueError(f"`num_train_epochs` = {args.num_train_epochs!r} with max_steps = -1 trains nothing. Fix: "
+                         "set num_train_epochs > 0, or max_steps >= 1.")
+    for name in ("seed", "data_seed"):  # numpy's seed range; set_seed fails there only after the model loads
+        value = getattr(args, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32):
+            raise ValueError(f"`{name}` = {value!r} is invalid: it must be an integer in [0, 2**32 - 1].")
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps" and not args.save_steps > 0:
+        raise ValueError(f"`save_steps` = {args.save_steps!r} is invalid with save_strategy='steps': it must be > 0 "
+                         "(a step count, or a fraction of the run below 1). Fix: e.g. save_steps=500, or "
+                         "save_strategy='no'.")
+    for name, valid, rule in NUMBER_RULES:
+        value = getattr(args, name)
+        if value is None and name in OPTIONAL_NUMBERS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+            raise ValueError(f"`{name}` = {value!r} is invalid: {rule}.")
     check_hub_model_id(args)
     if args.use_liger_kernel and not gpu_available(args):
         raise ValueError("`use_liger_kernel=True` needs a GPU (Liger's kernels are Triton GPU kernels), and this "

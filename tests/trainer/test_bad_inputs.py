@@ -77,6 +77,18 @@ BAD_CONFIG_VALUES = [  # (field, value, text of the error): TRL accepts each, th
     ("max_steps", 0, r"`max_steps` = 0 is invalid \(transformers would train one step at 0\)"),
     ("max_steps", -2, r"`max_steps` = -2 is invalid"),
     ("beta", -1.0, r"`beta` = -1.0 is invalid: the KL coefficient must be >= 0"),
+    ("steps_per_generation", 0, r"`steps_per_generation` = 0 is invalid: it must be an integer >= 1, or unset"),
+    ("generation_batch_size", 0, r"`generation_batch_size` = 0 is invalid"),
+    ("num_train_epochs", 0.0, r"`num_train_epochs` = 0.0 with max_steps = -1 trains nothing"),
+    ("seed", -1, r"`seed` = -1 is invalid: it must be an integer in \[0, 2\*\*32 - 1\]"),
+    ("save_steps", 0, r"`save_steps` = 0 is invalid with save_strategy='steps'"),
+    ("top_k", -5, r"`top_k` = -5 is invalid"),
+    ("min_p", 2.0, r"`min_p` = 2.0 is invalid: it must be in \[0, 1\]"),
+    ("repetition_penalty", 0.0, r"`repetition_penalty` = 0.0 is invalid: it must be > 0"),
+    ("weight_decay", -0.1, r"`weight_decay` = -0.1 is invalid"),
+    ("max_grad_norm", -1.0, r"`max_grad_norm` = -1.0 is invalid: it must be >= 0 \(0 turns gradient clipping off\)"),
+    ("adam_beta1", 1.0, r"`adam_beta1` = 1.0 is invalid: it must be in \[0, 1\)"),
+    ("adam_epsilon", -1e-8, r"`adam_epsilon` = -1e-08 is invalid"),
     ("hub_model_id", 'me/run"; __import__("os")', r"`hub_model_id` = .* is not a valid Hub repository id.*Fix"),
     ("hub_model_id", "a/b/c", r"`hub_model_id` = 'a/b/c' is not a valid Hub repository id"),
 ]
@@ -93,6 +105,9 @@ def test_edge_values_that_are_valid_are_accepted(tmp_path):
                   hub_model_id="my-org/fipo_run.v2", num_generations_eval=2)
     assert (args.max_steps, args.hub_model_id) == (-1, "my-org/fipo_run.v2")
     assert config(tmp_path, max_steps=1, beta=0.04).beta == 0.04
+    # ranges that only matter when used: unset or switched off, they are not checked
+    args = config(tmp_path, max_steps=3, num_train_epochs=0, save_strategy="no", save_steps=0, min_p=None)
+    assert (args.max_steps, args.save_steps) == (3, 0)
 
 
 def test_a_push_named_after_an_invalid_output_dir_is_refused(tmp_path):
