@@ -173,7 +173,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         default=0.05,
         metadata={"help": "The trainer warns that FIPO has become DAPO in effect when, over a window of "
                   "`fipo_inert_window` generation batches, fewer than this share of response tokens have a weight "
-                  "further than 1 % from 1 (`fipo/weight_changed_ratio`). 0 turns the warning off. Not in the "
+                  "further than 1 percent from 1 (`fipo/weight_changed_ratio`). 0 turns the warning off. Not in the "
                   "paper; see docs/trainer.md for the figures behind the default."},
     )
     fipo_inert_window: int = field(

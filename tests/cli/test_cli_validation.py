@@ -205,3 +205,11 @@ def test_an_input_error_still_shows_its_traceback_on_request(tmp_path, nothing_l
     monkeypatch.setenv("FIPO_TRL_TRACEBACK", "1")
     with pytest.raises(ValueError, match=re.escape("`max_steps` = 0")):
         cli.main(["train", "--output_dir", str(tmp_path / "o"), "--max_steps", "0"])
+
+
+def test_every_help_text_formats():
+    """argparse reads a bare % in a help text as a format code: one such text breaks `fipo-trl --help` whole."""
+    assert "--fipo_inert_threshold" in cli.make_parser().format_help()
+    from trl import TrlParser
+
+    assert "--output_dir" in TrlParser((evaluation.EvalArguments,)).format_help()
