@@ -83,8 +83,9 @@ def check_config_file(argv: list[str]) -> None:
         config = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as duplicate:
         key, first, second = duplicate.args
-        raise ValueError(f"--config {path!r}: the key {key!r} appears twice (lines {first} and {second}); YAML would "
-                         "silently use the last one. Fix: keep one of them.") from None
+        where = f"line {first}" if first == second else f"lines {first} and {second}"
+        raise ValueError(f"--config {path!r}: the key {key!r} appears twice ({where}); YAML would silently use the "
+                         "last one. Fix: keep one of them.") from None
     except yaml.YAMLError as error:
         mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -160,6 +160,8 @@ RECIPES = {  # file text, texts the error must contain
                       ["the key 'learning_rate' appears twice (lines 1 and 3)", "Fix: keep one of them"]),
     "nested duplicate": ("datasets:\n  - path: json\n    path: csv\n",
                          ["the key 'path' appears twice (lines 2 and 3)"]),
+    "duplicate in one line": ("reward_funcs: overlong_penalty\nlora_target_modules: {q: 1, q: 2}\n",
+                              ["the key 'q' appears twice (line 2)"]),
     "syntax error": ("max_steps: 2\nreward_funcs: [a, b\nlearning_rate: 1\n",
                      ["is not valid YAML at line 3", "(while parsing a flow sequence at line 2)",
                       "Fix: correct that line"]),
