@@ -328,7 +328,8 @@ def fipo_weights(
         logps: (B, T) log pi_theta of the sampled tokens.
         old_logps: (B, T) log pi_old (the policy that generated the batch), same dtype as ``logps``.
         advantages: (B,) per response or (B, T) per token.
-        mask: (B, T) response mask (bool or 0/1). Masked positions may hold anything, NaN included.
+        mask: (B, T) response mask (bool or 0/1; any other value is an error). Masked positions may hold anything,
+            NaN included.
         decay_rate: tau; gamma = 2^(-1/tau). clip_ratio, clip_high_only: f in [1, 1 + clip_ratio] when
             high-only, else [1 - clip_ratio, 1 + clip_ratio]; clip_ratio = 0 means min(exp F, 10).
         safety_threshold: for A < 0 and ratio > safety_threshold, f is clamped into [0.8, 1].
