@@ -4,6 +4,7 @@ keeps its traceback. The rows of docs/reliability.md, "Round 2: config, flags an
 
 import os
 import re
+import sys
 import traceback
 
 import pytest
@@ -187,14 +188,17 @@ def test_a_bad_recipe_file_is_one_line_naming_the_file(tmp_path, nothing_loads, 
 def test_an_error_raised_while_training_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     """A ValueError from inside a reward function is a bug to debug, not a bad flag: the console script lets it
     through with its traceback (exit status 1) instead of printing one `fipo-trl: error:` line."""
-    (tmp_path / "my_rewards.py").write_text(
+    module = "fipo_validation_broken_rewards"  # a name no other test imports
+    (tmp_path / f"{module}.py").write_text(
         "def broken_reward(completions, **kwargs):\n"
         "    raise ValueError('broken_reward cannot score this')\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ValueError) as error_info:  # not SystemExit(2)
-        cli.main(["train", "--output_dir", str(tmp_path / "o"), "--reward_funcs", "my_rewards.broken_reward",
-                  "--max_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true"])
+    try:
+        with pytest.raises(ValueError) as error_info:  # not SystemExit(2)
+            cli.main(["train", "--output_dir", str(tmp_path / "o"), "--reward_funcs", f"{module}.broken_reward",
+                      "--max_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true"])
+    finally:
+        sys.modules.pop(module, None)  # no later import may find this test's module
     frames, error = [], error_info.value
     while error is not None:  # the reward's own frame, wherever a wrapper re-raised it
         frames += [frame.name for frame in traceback.extract_tb(error.__traceback__)]
