@@ -330,7 +330,9 @@ def set_aside_incomplete(output_dir, after_step: int, training_state: bool = Tru
 
 def prepare_resume(trainer, resume):
     """Resolve ``resume_from_checkpoint`` for ``trainer.train`` (see ``resolve_resume``) and set partial checkpoints
-    aside. The main process decides and every process gets its answer, so all resume from the same folder."""
+    aside. The main process takes the output_dir lock, refuses (or, with overwrite_output_dir, moves) another run's
+    checkpoints for a fresh run, and compares a resumed checkpoint's settings with the run's; every process gets its
+    answer, so all resume from the same folder, or all raise the same error."""
     args = trainer.args
     training_state = not args.save_only_model
     result = None
