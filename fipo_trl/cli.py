@@ -40,6 +40,7 @@ EMBEDDED_DEFAULTS = dict(
     output_dir="outputs/fipo-tiny", max_steps=16, per_device_train_batch_size=4, num_generations=4,
     max_completion_length=12, learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=8,
     report_to="none", gradient_checkpointing=False, seed=0, disable_tqdm=False, fipo_updates_per_generation=4,
+    overwrite_output_dir=True,  # the quick start reruns as it is: the last run's checkpoints move to previous-run-N/
 )
 TOY_REWARD = "fipo_trl._tiny.digit_reward"
 

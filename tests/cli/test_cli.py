@@ -96,6 +96,18 @@ def test_installed_console_script_exits_0_on_success_and_prints_no_repr(tmp_path
     assert (tmp_path / "o" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # two subprocesses
+def test_the_quick_start_runs_again_and_keeps_the_last_runs_checkpoints(tmp_path):
+    """The README's main job, twice into its default folder: the embedded run moves the last run's checkpoints
+    aside (previous-run-1/) instead of refusing to start or mixing them."""
+    for _ in range(2):
+        result = run_console_script("train", "--max_steps", "2", "--save_steps", "1", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "outputs" / "fipo-tiny"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (out / "previous-run-1").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
 @pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("reward, match", [
     ("no_such_module.reward", "cannot import module 'no_such_module'"),
@@ -115,6 +127,7 @@ def test_reward_import_puts_the_working_directory_on_sys_path_only_for_the_impor
     source = "def length(completions, **kwargs):\n    return [0.0] * len(completions)\n"
     (tmp_path / "my_rewards.py").write_text(source)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's module of the same name
     before = list(sys.path)
     (function,) = cli.load_reward_funcs(["my_rewards.length"], None, None)
     assert function.__name__ == "length" and sys.path == before
