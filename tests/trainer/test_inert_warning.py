@@ -39,7 +39,7 @@ def test_an_inert_run_is_named_once_with_its_figures_and_the_fixes(tiny_model_pa
     message = inert[0]
     assert "0.0% of response tokens" in message and "f mean 1.0000" in message
     for fix in ("fipo_updates_per_generation", "(now 2;", "learning_rate (now 1e-09)", "fipo_decay_rate (now 32)",
-                "fipo_inert_threshold=0"):
+                "dynamic_sampling", "fipo_inert_threshold=0"):
         assert fix in message, fix
     ratios = [h["fipo/weight_changed_ratio"] for h in trainer.state.log_history if "fipo/weight_changed_ratio" in h]
     assert len(ratios) == 4 and max(ratios) == 0.0
