@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A cached virtual environment for one more tested stack (docs/compatibility.md): ~/.cache/fipo-venv-STACK, with
+# fipo_trl in editable mode and the versions of scripts/constraints-STACK.txt. It is rebuilt only when that file or
+# pyproject.toml's requirements change (their hash is kept in the environment), so a rerun installs nothing.
+# Usage: bash scripts/setup_stack.sh oldest|vllm-stack   (prints the environment's path last)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STACK="$1"
+CONSTRAINTS="scripts/constraints-$STACK.txt"
+[ -f "$CONSTRAINTS" ] || { echo "no $CONSTRAINTS: the stacks are $(ls scripts/constraints-*.txt)" >&2; exit 2; }
+VENV="${FIPO_STACK_VENV_PREFIX:-$HOME/.cache/fipo-venv-}$STACK"
+REQUIREMENTS="$(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(p["dependencies"], p["optional-dependencies"]["test"])')"
+KEY="$( (cat "$CONSTRAINTS"; echo "$REQUIREMENTS") | sha256sum | cut -c1-16)"
+if [ "$(cat "$VENV/.fipo-stack-key" 2>/dev/null)" != "$KEY" ]; then
+  quiet() { grep -v "is ignored" || true; }  # local-index notices pip prints even with -q
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "$(grep '^torch==' "$CONSTRAINTS")" 2>&1 | quiet  # first: the CPU wheel on CPU machines
+  "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[test]" 2>&1 | quiet
+  echo "$KEY" > "$VENV/.fipo-stack-key"
+fi
+"$VENV/bin/python" -c "import fipo_trl.config, trl, transformers, huggingface_hub
+print('$STACK stack: trl', trl.__version__, '| transformers', transformers.__version__, '| huggingface_hub',
+      huggingface_hub.__version__)" >&2
+echo "$VENV"
