@@ -41,6 +41,7 @@ def build_tiny_tokenizer():
         tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"], chat_template=CHAT_TEMPLATE,
         padding_side="left", model_max_length=256,
+        model_input_names=["input_ids", "attention_mask"],  # as Llama's tokenizers: no token_type_ids for generate
     )
 
 

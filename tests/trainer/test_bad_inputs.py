@@ -118,11 +118,15 @@ def test_a_push_named_after_an_invalid_output_dir_is_refused(tmp_path):
 
 
 def test_gpu_only_options_are_refused_on_a_cpu_only_run(tmp_path, monkeypatch):
+    import trl
+
     import fipo_trl.config
 
     gpu_available = fipo_trl.config.gpu_available
     assert not gpu_available(config(tmp_path, use_cpu=True))  # use_cpu: a CPU run even on a GPU machine
     monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: False)
+    # a TRL whose loss is Liger's (<= 1.13) refuses use_liger_kernel first, on any machine (test_versions.py)
+    monkeypatch.delattr(trl.GRPOTrainer, "compute_liger_loss", raising=False)
     with pytest.raises(ValueError, match=r"`use_liger_kernel=True` needs a GPU.*Fix: set use_liger_kernel=False"):
         config(tmp_path, use_liger_kernel=True)
     with pytest.raises(ValueError, match=r"`use_vllm=True` needs a CUDA GPU.*Fix: set use_vllm=False"):

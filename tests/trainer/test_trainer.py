@@ -233,6 +233,8 @@ SCENARIOS = {
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("trainer_cls, config_cls", PAIRS, ids=PAIR_IDS)
 def test_drop_in_training(trainer_cls, config_cls, scenario, tiny_model_path, tmp_path):
+    if scenario == "loss_luspo" and config_cls is FIPOConfig and trl_older_than("1.10"):
+        pytest.skip("FIPOConfig refuses luspo on TRL < 1.10 (test_versions.py): it averages over padding there")
     options = dict(SCENARIOS[scenario])
     dataset = tiny_prompt_dataset(16, conversational=options.pop("dataset", None) == "conversational")
     if options.get("eval_dataset") == "eval":
