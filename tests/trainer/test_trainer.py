@@ -313,7 +313,7 @@ def test_bad_config_names_the_field_and_the_fix(overrides, field, tmp_path):
     kwargs = config_kwargs(tmp_path, **overrides)
     if "fipo_updates_per_generation" in overrides:
         kwargs.pop("steps_per_generation")
-    with pytest.raises(ValueError, match=rf"`{field}` = .*(Use|Set)"):
+    with pytest.raises(ValueError, match=rf"`{field}` = .*(Use|Set|Fix)"):
         FIPOConfig(**kwargs)
 
 
