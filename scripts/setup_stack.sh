@@ -13,7 +13,7 @@ REQUIREMENTS="$(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.tom
 print(p["dependencies"], p["optional-dependencies"]["test"])')"
 KEY="$( (cat "$CONSTRAINTS"; echo "$REQUIREMENTS") | sha256sum | cut -c1-16)"
 if [ "$(cat "$VENV/.fipo-stack-key" 2>/dev/null)" != "$KEY" ]; then
-  quiet() { grep -v "is ignored" || true; }  # local-index notices pip prints even with -q
+  quiet() { grep -v "is ignored" >&2 || true; }  # local-index notices pip prints even with -q; stdout is the path
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "$(grep '^torch==' "$CONSTRAINTS")" 2>&1 | quiet  # first: the CPU wheel on CPU machines
