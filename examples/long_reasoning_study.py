@@ -106,6 +106,9 @@ def parse_args(argv=None):
                              "arm and seed (the ablation's baselines; seeds run before a study was extended)")
     parser.add_argument("--report_only", metavar="JSON",
                         help="rewrite study.md and the plots from an earlier run's study.json, without training")
+    parser.add_argument("--interim", action="store_true",
+                        help="write study.md and the plots from the runs output_dir holds so far, without training "
+                             "(a long study's reading in progress: its runs are kept one file each)")
     parser.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in seconds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -340,7 +343,8 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
                     a, b = ({run["seed"]: read(run) for run in runs if run["variant"] == arm and run["seed"] in kept}
                             for arm in (other, baseline))
                     lines.append(paired_significance_row(label, a, b, percent=kind == "percent"))
-    lines += ["", f"Wall time {wall / 60:.1f} min ({args.workers} runs in parallel on this machine)."]
+    lines += ["", f"Wall time {wall / 60:.1f} min ({args.workers} runs in parallel on this machine)." if wall == wall
+              else "Interim report: the runs finished so far (`--interim`); the study is still running."]
     return "\n".join(lines) + "\n"
 
 
@@ -402,6 +406,10 @@ def warm_start_and_keep(path: str, *job) -> tuple[int, str, dict]:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.interim:  # the report of the runs finished so far; the study goes on with the same command
+        runs, before = collect_runs(args, finished_only=True)
+        write_report(runs, args, before, float("nan"), write_json=False)
+        return
     if args.report_only:
         with open(args.report_only) as f:
             data = json.load(f)
@@ -442,12 +450,26 @@ def main(argv=None):
                      args.test_problems) for variant, seed in todo if seed in models]
             run_jobs(train_and_keep, jobs, args.workers)
     wall = time.perf_counter() - start
+    runs, before = collect_runs(args)
+    write_report(runs, args, before, wall)
+
+
+def collect_runs(args, *, finished_only: bool = False) -> tuple[list[dict], dict]:
+    """The runs of args.seeds x args.variants kept in output_dir/runs (with ``finished_only``, those that exist so
+    far: the interim reading of a study in progress) and the warm starts' evaluations, joined by the --reference
+    runs of arms and seeds that output_dir lacks; sets args.seeds to the seeds reported."""
     runs, before = [], {}
     for seed in args.seeds:
-        with open(before_path(seed)) as f:
+        before_path = os.path.join(args.output_dir, "runs", f"before-seed{seed}.json")
+        if finished_only and not os.path.exists(before_path):
+            continue
+        with open(before_path) as f:
             before[seed] = json.load(f)
         for variant in args.variants:
-            with open(run_file(args.output_dir, variant, seed)) as f:
+            path = run_file(args.output_dir, variant, seed)
+            if finished_only and not os.path.exists(path):
+                continue
+            with open(path) as f:
                 runs.append(json.load(f))
     for reference in args.reference:  # earlier runs join the report where this one has no run of that arm and seed
         with open(reference) as f:
@@ -456,10 +478,8 @@ def main(argv=None):
         runs += [run for run in earlier["runs"] if (run["variant"], run["seed"]) not in have]
         for seed, evaluation in earlier["before_rl"].items():
             before.setdefault(int(seed), evaluation)
-    seeds = sorted({run["seed"] for run in runs})
-    args.seeds = seeds
-    before = {seed: before[seed] for seed in seeds if seed in before}
-    write_report(runs, args, before, wall)
+    args.seeds = sorted({run["seed"] for run in runs})
+    return runs, {seed: before[seed] for seed in args.seeds if seed in before}
 
 
 def write_report(runs: list[dict], args, before: dict, wall: float, *, write_json: bool = True) -> None:
@@ -480,7 +500,8 @@ def write_report(runs: list[dict], args, before: dict, wall: float, *, write_jso
         with open(os.path.join(args.output_dir, "study.json"), "w") as f:
             json.dump({"args": vars(args), "wall_seconds": wall, "before_rl": before, "runs": runs}, f)
     print("\n" + table)
-    print(f"Written: study.md, study.json, curves.png, future_kl_by_position.png in {args.output_dir}")
+    written = "study.md, study.json" if write_json else "study.md"
+    print(f"Written: {written}, curves.png, future_kl_by_position.png in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,15 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
                             "--output_dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and " s, held-out accuracy" not in again.stdout  # no run trained again
     assert (tmp_path / "study.md").read_text().split("Wall time")[0] == table.split("Wall time")[0]
+    # a study in progress is read from the runs it has finished so far
+    (tmp_path / "runs" / "fipo-seed1.json").unlink()
+    interim = subprocess.run([sys.executable, str(REPO / "examples" / "long_reasoning_study.py"), "--quick",
+                              "--interim", "--output_dir", str(tmp_path)], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert interim.returncode == 0, interim.stderr[-3000:]
+    report = (tmp_path / "study.md").read_text()
+    assert "| fipo (1 seeds) |" in report and "| dapo (2 seeds) |" in report and "Interim report" in report
+    assert "| held-out accuracy after RL (avg@4) | " in report.split("fipo − dapo")[1]
 
 
 @pytest.mark.slow
