@@ -301,7 +301,9 @@ def report(runs: list[dict], args, before: dict[int, dict], wall: float) -> str:
     seeds = sorted({run["seed"] for run in runs})
     lines = [f"Long-reasoning study: tiny Llama (2 layers, width 128) on the last digit of a sum of 3-8 digits, "
              f"{args.max_steps} optimizer steps of 64 completions per run, seeds {', '.join(map(str, seeds))}; "
-             "mean ± std over seeds.", ""]
+             "mean ± std over seeds. Warm-start target: full chains right "
+             f"{args.warm_start_target:.0%} of the time on dev problems, checked every {args.warm_start_check_every} "
+             "steps.", ""]
     count = {v: len({run["seed"] for run in runs if run["variant"] == v}) for v in variants}
     header = "| measure | " + " | ".join(f"{v} ({count[v]} seeds)" for v in variants) + " |"
     lines += [header, "|---|" + "---|" * len(variants)]
@@ -413,7 +415,7 @@ def main(argv=None):
     if args.report_only:
         with open(args.report_only) as f:
             data = json.load(f)
-        for name in ("seeds", "max_steps", "workers", "test_problems"):
+        for name in ("seeds", "max_steps", "workers", "test_problems", "warm_start_target", "warm_start_check_every"):
             setattr(args, name, data["args"].get(name, getattr(args, name)))
         args.output_dir = args.output_dir if args.output_dir != DEFAULT_OUTPUT_DIR else os.path.dirname(
             os.path.abspath(args.report_only))
