@@ -12,15 +12,19 @@ VENV="${FIPO_STACK_VENV_PREFIX:-$HOME/.cache/fipo-venv-}$STACK"
 REQUIREMENTS="$(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print(p["dependencies"], p["optional-dependencies"]["test"])')"
 KEY="$( (cat "$CONSTRAINTS"; echo "$REQUIREMENTS") | sha256sum | cut -c1-16)"
+quiet() { grep -v "is ignored" >&2 || true; }  # local-index notices pip prints even with -q; stdout is the path
 if [ "$(cat "$VENV/.fipo-stack-key" 2>/dev/null)" != "$KEY" ]; then
-  quiet() { grep -v "is ignored" >&2 || true; }  # local-index notices pip prints even with -q; stdout is the path
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "$(grep '^torch==' "$CONSTRAINTS")" 2>&1 | quiet  # first: the CPU wheel on CPU machines
   "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[test]" 2>&1 | quiet
   echo "$KEY" > "$VENV/.fipo-stack-key"
+else  # a cached environment: point its editable fipo_trl at this checkout (CI clones into a new folder each run)
+  "$VENV/bin/pip" install -q --no-deps -e . 2>&1 | quiet
 fi
-"$VENV/bin/python" -c "import fipo_trl.config, trl, transformers, huggingface_hub
+"$VENV/bin/python" -c "import fipo_trl.config, fipo_trl.kernels, trl, transformers, huggingface_hub, os
+here = os.path.realpath('kernels')
+assert os.path.dirname(fipo_trl.kernels.__file__) == here, f'fipo_trl.kernels is {fipo_trl.kernels.__file__}, not {here}'
 print('$STACK stack: trl', trl.__version__, '| transformers', transformers.__version__, '| huggingface_hub',
       huggingface_hub.__version__)" >&2
 echo "$VENV"
