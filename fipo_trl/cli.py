@@ -30,7 +30,7 @@ from trl import (
 )
 
 from fipo_trl.checkpoints import acquire_output_dir_lock, check_output_dir_before_load, release_output_dir_lock
-from fipo_trl.config import FIPOConfig
+from fipo_trl.config import FIPOConfig, check_liger_machine, check_vllm_machine
 from fipo_trl.hub import warn_hub_failure
 from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs, is_input_error
 from fipo_trl.kernels.env import check_environment, show_traceback
@@ -268,6 +268,8 @@ def train(argv: list[str]):
     with checking_inputs():  # every flag and the data are checked here, before anything loads
         script_args, training_args, model_args, dataset_args = parse_train_args(argv)
         check_output_dir(training_args.output_dir)
+        check_liger_machine(training_args)
+        check_vllm_machine(training_args)
         embedded = model_args.model_name_or_path is None
         reward_names = script_args.reward_funcs or ([TOY_REWARD] if embedded else ["math_verify_reward"])
         check_script_flags(script_args, training_args, model_args, reward_names)

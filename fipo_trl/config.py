@@ -240,7 +240,7 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
             and self.fipo_updates_per_generation >= 1
         ):
             self.steps_per_generation = self.fipo_updates_per_generation * self.gradient_accumulation_steps
-        check_liger_loss_path(self)  # before the GPU check: on this TRL no machine could run it
+        check_liger_loss_path(self)  # refused on any machine: this TRL's Liger loss skips FIPO's weights
         check_values(self)  # values TRL accepts that fail after the model loads (or in TRL's own checks)
         super().__post_init__()
         if not isinstance(self.fipo_updates_per_generation, int) or self.fipo_updates_per_generation < 1:
@@ -398,9 +398,19 @@ def check_values(args) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
             raise ValueError(f"`{name}` = {value!r} is invalid: {rule}.")
     check_hub_model_id(args)
+
+
+def check_liger_machine(args) -> None:
+    """use_liger_kernel on a machine without a GPU. Like check_vllm_machine, this checks the machine, not the config:
+    GRPOConfig accepts both on any machine (a config may be built on a CPU node for a GPU job), so FIPOConfig does
+    too, and FIPOTrainer and `fipo-trl train` check them before anything runs."""
     if args.use_liger_kernel and not gpu_available(args):
         raise ValueError("`use_liger_kernel=True` needs a GPU (Liger's kernels are Triton GPU kernels), and this "
                          "run has none. Fix: set use_liger_kernel=False.")
+
+
+def check_vllm_machine(args) -> None:
+    """use_vllm without a CUDA GPU or without vLLM: TRL would fail deep inside vLLM, or wait for a server."""
     if args.use_vllm and not gpu_available(args):
         raise ValueError("`use_vllm=True` needs a CUDA GPU, and this run has none. Fix: set use_vllm=False (TRL then "
                          "generates with transformers).")

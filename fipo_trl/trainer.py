@@ -20,7 +20,7 @@ from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl.checkpoints import SafeCheckpointsMixin
-from fipo_trl.config import FIPOConfig, check_trl_compatibility
+from fipo_trl.config import FIPOConfig, check_liger_machine, check_trl_compatibility, check_vllm_machine
 from fipo_trl.data import check_training_data
 from fipo_trl.dynamic_sampling import DynamicSamplingMixin
 from fipo_trl.hub import HubResilienceMixin
@@ -236,6 +236,9 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             _check_train_dataset(train_dataset, args)
             check_training_data(train_dataset, args, model, reward_funcs,
                                 kwargs.get("processing_class", pargs[2] if len(pargs) > 2 else None))
+            check_vllm_machine(args)
+            if isinstance(model, str):  # before the load; a model already loaded waits for TRL's own checks below
+                check_liger_machine(args)
         if args.fipo_is_degenerate:
             message = (
                 f"FIPO is degenerate with this config and will train exactly like DAPO: steps_per_generation "
@@ -261,6 +264,9 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             warnings.warn(message, UserWarning, stacklevel=2)
             logger.warning(message)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        if not isinstance(model, str):  # TRL's argument errors first, as with GRPOTrainer; still before any step
+            with checking_inputs():
+                check_liger_machine(args)
         # Callable reward functions run checked and under the time limit (reward_checks.py); reward models are TRL's.
         self.reward_funcs = [func if isinstance(func, torch.nn.Module)
                              else checked_reward(func, name, self.args.reward_func_timeout_seconds)
@@ -299,14 +305,8 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
         if unchecked:
             raise RuntimeError(f"FIPOTrainer's reward checks did not run for {unchecked}: this TRL version calls the "
                                "reward functions some other way, so non-finite or malformed rewards and the time "
-                               "limit would go unchecked. Install the TRL version fipo_trl supports "
-                               "(trl>=1.16,<1.17).")
-        if rewards_per_func.numel() and torch.isnan(rewards_per_func).all():  # gathered: the same on every process
-            raise ValueError(f"Every reward function ({', '.join(self.reward_func_names)}) returned None for all "
-                             f"{len(rewards_per_func)} completions of this batch: every advantage would be 0 and the "
-                             "step would train on nothing. Fix: give the dataset the columns the reward functions "
-                             "read (e.g. 'solution' or 'answer' for math_verify_reward), or return a number for the "
-                             "completions they can score.")
+                               f"limit would go unchecked. Install a TRL version fipo_trl supports "
+                               f"({supported_range('trl')}).")
         return rewards_per_func
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

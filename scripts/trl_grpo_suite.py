@@ -9,12 +9,14 @@ the two tiny Qwen2 models built locally, so no Hub). The `fipo` arm differs from
 test file's `from trl import GRPOConfig, GRPOTrainer` imports FIPOConfig and FIPOTrainer under those names. Nothing
 from TRL is copied into this repository.
 
-Each arm's outcomes are kept in WORKDIR/ARM.json, so `--arms fipo` reruns one arm against the other's last result.
+Each arm's outcomes are kept in WORKDIR/ARM.json, so `--arms fipo` reruns one arm against the other's last result;
+the comparison, with every test's outcome in both arms, goes to WORKDIR/comparison.json.
 Exit status 0: every test that passes on plain TRL passes with FIPO (tests that fail on plain TRL, mostly for want
 of other Hub models, are listed, not counted against FIPO).
 """
 
 import argparse
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -85,6 +87,17 @@ def compare(plain: dict[str, str], fipo: dict[str, str]) -> dict:
     }
 
 
+def stack(trl_source: Path) -> dict:
+    """What was tested: the TRL test file's commit (when --trl_source is a git clone) and the installed versions."""
+    import torch
+    import transformers
+    import trl
+
+    commit = subprocess.run(["git", "-C", str(trl_source), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return {"trl_tests_commit": commit.stdout.strip() or None, "trl": trl.__version__,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
 def run_arm(folder: Path, workers: int, keyword: str | None) -> dict[str, str]:
     junit = folder / "junit.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
@@ -104,10 +117,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trl_source", type=Path, required=True, help="a clone of github.com/huggingface/trl")
     parser.add_argument("--workdir", type=Path, default=Path("trl-grpo-suite"))
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="*", choices=ARMS, default=list(ARMS),
+                        help="the arms to run; none (`--arms` alone) only compares the saved outcomes")
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist processes (1: no xdist)")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression, to run part of the file")
     args = parser.parse_args(argv)
+    if args.workers > 1 and importlib.util.find_spec("xdist") is None:
+        parser.error(f"--workers {args.workers} needs pytest-xdist: pip install pytest-xdist, or pass --workers 1")
     for arm in args.arms:
         folder = args.workdir / arm
         build_suite(args.trl_source, folder, arm)
@@ -117,8 +133,11 @@ def main(argv=None) -> int:
     results = {arm: args.workdir / f"{arm}.json" for arm in ARMS}
     if not all(path.is_file() for path in results.values()):
         return 0
-    report = compare(*(json.loads(results[arm].read_text()) for arm in ARMS))
+    plain, fipo = (json.loads(results[arm].read_text()) for arm in ARMS)
+    report = {**stack(args.trl_source), **compare(plain, fipo),
+              "outcomes": {test: {"plain": plain[test], "fipo": fipo.get(test)} for test in sorted(plain)}}
     (args.workdir / "comparison.json").write_text(json.dumps(report, indent=1))
+    print("tested: " + ", ".join(f"{key} {report[key]}" for key in ("trl_tests_commit", "trl", "transformers")))
     for arm, counts in report["counts"].items():
         print(f"{arm:>5}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("passed", "failed", "skipped")))
     print(f"failed on both arms: {len(report['failed_on_both'])}")

@@ -108,6 +108,10 @@ def test_both_arms_run_offline_and_the_lost_test_fails_the_run(tmp_path):
     assert f"lost_with_fipo: 1\n  {test_id('test_is_trl_own_trainer')}" in run.stdout
     comparison = json.loads((tmp_path / "work" / "comparison.json").read_text())
     assert comparison["lost_with_fipo"] == [test_id("test_is_trl_own_trainer")]
+    import transformers
+    import trl
+
+    assert (comparison["trl"], comparison["transformers"]) == (trl.__version__, transformers.__version__)
 
     # One arm rerun against the other's saved outcomes: a file where FIPO loses nothing exits 0.
     (source / "tests" / "test_grpo_trainer.py").write_text(TEST_FILE.replace('.startswith("trl.")', " != ''"))

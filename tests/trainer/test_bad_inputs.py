@@ -13,6 +13,7 @@ from fipo_trl._tiny import tiny_prompt_dataset
 from fipo_trl.hub import warn_hub_failure
 from fipo_trl.influence import render_influence_html
 from fipo_trl.rewards import MathVerifyReward, overlong_penalty
+from fipo_trl.versions import trl_older_than
 
 
 def config(tmp_path, **overrides):
@@ -117,7 +118,7 @@ def test_a_push_named_after_an_invalid_output_dir_is_refused(tmp_path):
     assert config(tmp_path / "my run!", push_to_hub=True, hub_model_id="me/my-run").push_to_hub
 
 
-def test_gpu_only_options_are_refused_on_a_cpu_only_run(tmp_path, monkeypatch):
+def test_gpu_only_options_are_accepted_by_the_config_and_refused_by_the_trainer_before_loading(tmp_path, monkeypatch):
     import trl
 
     import fipo_trl.config
@@ -125,16 +126,41 @@ def test_gpu_only_options_are_refused_on_a_cpu_only_run(tmp_path, monkeypatch):
     gpu_available = fipo_trl.config.gpu_available
     assert not gpu_available(config(tmp_path, use_cpu=True))  # use_cpu: a CPU run even on a GPU machine
     monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: False)
-    # a TRL whose loss is Liger's (<= 1.13) refuses use_liger_kernel first, on any machine (test_versions.py)
+    # a TRL whose loss is Liger's (<= 1.13) refuses use_liger_kernel in the config, on any machine (test_versions.py)
     monkeypatch.delattr(trl.GRPOTrainer, "compute_liger_loss", raising=False)
+    # As GRPOConfig: a config may be built on a CPU node for a GPU job. The machine is checked where it trains.
+    liger, vllm = config(tmp_path, use_liger_kernel=True), config(tmp_path, use_vllm=True)
+    no_such_model = str(tmp_path / "no-model-here")  # loading it would fail: the check must come first
+    reward = lambda completions, **kwargs: [0.0] * len(completions)  # noqa: E731
+    dataset = tiny_prompt_dataset(16)
     with pytest.raises(ValueError, match=r"`use_liger_kernel=True` needs a GPU.*Fix: set use_liger_kernel=False"):
-        config(tmp_path, use_liger_kernel=True)
+        FIPOTrainer(model=no_such_model, reward_funcs=reward, args=liger, train_dataset=dataset)
     with pytest.raises(ValueError, match=r"`use_vllm=True` needs a CUDA GPU.*Fix: set use_vllm=False"):
-        config(tmp_path, use_vllm=True)
+        FIPOTrainer(model=no_such_model, reward_funcs=reward, args=vllm, train_dataset=dataset)
     monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: True)
     monkeypatch.setattr(fipo_trl.config, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match=r"`use_vllm=True` needs vLLM, which is not installed. Fix: pip install"):
-        config(tmp_path, use_vllm=True)
+        FIPOTrainer(model=no_such_model, reward_funcs=reward, args=vllm, train_dataset=dataset)
+
+
+def test_liger_without_a_gpu_and_a_loaded_model_lets_trls_own_errors_come_first(tiny_model_path, tmp_path,
+                                                                                 monkeypatch):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    import fipo_trl.config
+
+    if trl_older_than("1.14"):
+        pytest.skip("this TRL refuses use_liger_kernel in the config (its Liger loss skips FIPO's weights)")
+    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: False)
+    reward = lambda completions, **kwargs: [0.0] * len(completions)  # noqa: E731
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    args = config(tmp_path, use_liger_kernel=True)
+    with pytest.raises(ValueError, match="lm_head"):  # TRL's: an adapter on lm_head would never train
+        FIPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=tiny_prompt_dataset(16),
+                    peft_config=LoraConfig(target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"`use_liger_kernel=True` needs a GPU.*Fix: set use_liger_kernel=False"):
+        FIPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=tiny_prompt_dataset(16))
 
 
 @pytest.mark.parametrize("timeout", [math.nan, math.inf, 1e12, 0, -1, "5"])
