@@ -91,6 +91,17 @@ def test_a_checkout_without_the_files_is_refused_by_name(tmp_path):
         suite.build_suite(tmp_path, tmp_path / "suite", "fipo")
 
 
+def test_workers_without_pytest_xdist_are_refused_with_the_fix(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "xdist" else real_find_spec(name, *args))
+    with pytest.raises(SystemExit) as exit_info:
+        suite.main(["--trl_source", str(tmp_path), "--workdir", str(tmp_path / "work"), "--workers", "2"])
+    assert exit_info.value.code == 2
+    assert "--workers 2 needs pytest-xdist: pip install pytest-xdist, or pass --workers 1" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
 @pytest.mark.slow  # two pytest subprocesses importing trl, about 30 s
 def test_both_arms_run_offline_and_the_lost_test_fails_the_run(tmp_path):
     source = stand_in_checkout(tmp_path / "trl")
