@@ -16,6 +16,7 @@ of other Hub models, are listed, not counted against FIPO).
 """
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -89,13 +90,9 @@ def compare(plain: dict[str, str], fipo: dict[str, str]) -> dict:
 
 def stack(trl_source: Path) -> dict:
     """What was tested: the TRL test file's commit (when --trl_source is a git clone) and the installed versions."""
-    import torch
-    import transformers
-    import trl
-
     commit = subprocess.run(["git", "-C", str(trl_source), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return {"trl_tests_commit": commit.stdout.strip() or None, "trl": trl.__version__,
-            "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"trl_tests_commit": commit.stdout.strip() or None,
+            **{package: importlib.metadata.version(package) for package in ("trl", "transformers", "torch")}}
 
 
 def run_arm(folder: Path, workers: int, keyword: str | None) -> dict[str, str]:
@@ -132,6 +129,8 @@ def main(argv=None) -> int:
         print(f"{arm}: {dict(Counter(outcomes.values()))} (log: {folder / 'pytest.log'})")
     results = {arm: args.workdir / f"{arm}.json" for arm in ARMS}
     if not all(path.is_file() for path in results.values()):
+        if not args.arms:
+            parser.error(f"nothing to compare: {args.workdir} has no saved outcomes of both arms; run them first")
         return 0
     plain, fipo = (json.loads(results[arm].read_text()) for arm in ARMS)
     report = {**stack(args.trl_source), **compare(plain, fipo),

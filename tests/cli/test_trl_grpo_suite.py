@@ -102,6 +102,12 @@ def test_workers_without_pytest_xdist_are_refused_with_the_fix(tmp_path, monkeyp
     assert not (tmp_path / "work").exists()
 
 
+def test_comparing_without_saved_outcomes_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        suite.main(["--trl_source", str(tmp_path), "--workdir", str(tmp_path / "work"), "--arms"])
+    assert exit_info.value.code == 2 and "nothing to compare" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # two pytest subprocesses importing trl, about 30 s
 def test_both_arms_run_offline_and_the_lost_test_fails_the_run(tmp_path):
     source = stand_in_checkout(tmp_path / "trl")
