@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
+from fipo_trl.tools.tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
 
 RESULTS = Path(__file__).parent / "results"
 

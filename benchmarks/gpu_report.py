@@ -331,7 +331,7 @@ def algorithms_section(deadline: float):
 
 # Qwen2.5-0.5B's transformer body (358M parameters without its 151K-token embedding) as a Llama config: the tiny
 # word-level tokenizer's ~90 tokens replace the vocabulary (a Llama config keeps transformers from swapping in a BPE
-# tokenizer on reload, fipo_trl/_tiny.py).
+# tokenizer on reload, fipo_trl/tools/tiny.py).
 HALF_BILLION_BODY = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1e6, rms_norm_eps=1e-6)
 TRAINER_COMPLETION_LENGTH = 128
@@ -342,7 +342,7 @@ def build_half_billion_model(output_dir: Path) -> tuple[Path, int]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fipo_trl._tiny import build_tiny_tokenizer
+    from fipo_trl.tools.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
@@ -365,7 +365,7 @@ def trainer_child(use_liger: bool, result_path: Path, rounds: int) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from fipo_trl import FIPOConfig, FIPOTrainer
-    from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+    from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
     scratch = Path(tempfile.mkdtemp(prefix="fipo-gpu-report-"))
     model_path, n_parameters = build_half_billion_model(scratch / "model")

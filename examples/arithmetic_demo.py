@@ -70,7 +70,7 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, steps: int = 4
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fipo_trl._tiny import supervised_step
+    from fipo_trl.tools.tiny import supervised_step
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model)
@@ -102,7 +102,7 @@ def greedy_accuracy(model, tokenizer, *, operations: tuple[str, ...] = OPERATION
 
 def prepare_model(workdir: str | Path, *, seed: int = 0, warm_start_steps: int = 400) -> Path:
     """Build the tiny offline model and warm-start it on the answer format; return the warm-started path."""
-    from fipo_trl._tiny import build_tiny_model
+    from fipo_trl.tools.tiny import build_tiny_model
 
     workdir = Path(workdir)
     base = build_tiny_model(workdir / "base-model", seed=seed)

@@ -130,7 +130,7 @@ def main(argv=None):
     from arithmetic_demo import greedy_accuracy, prepare_model
     from seed_statistics import run_jobs
 
-    from fipo_trl.plots import plot_training_curves
+    from fipo_trl.tools.plots import plot_training_curves
 
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()

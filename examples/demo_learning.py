@@ -58,9 +58,9 @@ def main(argv=None):
         training_args,
     )
 
-    from fipo_trl.callbacks import PrintFIPOMetricsCallback
-    from fipo_trl.influence import TokenInfluenceCallback
-    from fipo_trl.plots import TrainingCurvesCallback
+    from fipo_trl.tools.callbacks import PrintFIPOMetricsCallback
+    from fipo_trl.tools.influence import TokenInfluenceCallback
+    from fipo_trl.tools.plots import TrainingCurvesCallback
 
     start = time.perf_counter()
     model_path, warm_seconds = timed(prepare_model, os.path.join(args.output_dir, "warm-start-model"),

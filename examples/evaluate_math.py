@@ -1,5 +1,5 @@
 """Evaluate a model on math problems: avg@k, pass@k (unbiased) and cons@k (majority vote), scored with math-verify.
-The `fipo-trl eval` command (fipo_trl/evaluation.py) as a script; `--help` lists the flags.
+The `fipo-trl eval` command (fipo_trl/tools/evaluation.py) as a script; `--help` lists the flags.
 
     python examples/evaluate_math.py
         Offline smoke run: the embedded tiny model on a tiny built-in problem set.
@@ -13,7 +13,7 @@ template is reported before the model loads, as `evaluate_math.py: error: ...` w
 
 import sys
 
-from fipo_trl.evaluation import main
+from fipo_trl.tools.evaluation import main
 
 if __name__ == "__main__":
     try:

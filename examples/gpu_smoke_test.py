@@ -139,7 +139,7 @@ def run_check(name: str, output_dir: str) -> None:
     from peft import LoraConfig
 
     from fipo_trl import FIPOConfig, FIPOTrainer
-    from fipo_trl._tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
+    from fipo_trl.tools.tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
 
     options = dict(CHECKS[name])
     lora = options.pop("lora", False)

@@ -199,7 +199,7 @@ def train_one(variant: str, seed: int, model_path: str, max_steps: int, logging_
             by_position = FutureKLByPosition(trainer, max_steps, MAX_COMPLETION_LENGTH)
             trainer.add_callback(by_position.callback)
             if influence_dir:
-                from fipo_trl.influence import TokenInfluenceCallback
+                from fipo_trl.tools.influence import TokenInfluenceCallback
 
                 # The last step is the 8th update on its generation batch: the most off-policy one, largest F.
                 trainer.add_callback(TokenInfluenceCallback(trainer, every_n_steps=max_steps, max_completions=6,
@@ -355,7 +355,7 @@ MIN_TOKENS_PER_POSITION = 200
 
 def plot_by_position(runs: list[dict], path: str) -> None:
     """F and f against the position of the token in the response, mean ± std over seeds, per half of training."""
-    from fipo_trl.plots import require_matplotlib
+    from fipo_trl.tools.plots import require_matplotlib
 
     Figure, FigureCanvasAgg = require_matplotlib()
     figure = Figure(figsize=(10, 3.6), dpi=90, layout="constrained")
@@ -486,7 +486,7 @@ def collect_runs(args, *, finished_only: bool = False) -> tuple[list[dict], dict
 
 def write_report(runs: list[dict], args, before: dict, wall: float, *, write_json: bool = True) -> None:
     """study.md, curves.png, future_kl_by_position.png and (``write_json``) study.json in args.output_dir."""
-    from fipo_trl.plots import plot_training_curves
+    from fipo_trl.tools.plots import plot_training_curves
 
     variants = list(dict.fromkeys(run["variant"] for run in runs))
     plot_training_curves({v: [r["log_history"] for r in runs if r["variant"] == v] for v in variants},

@@ -130,7 +130,7 @@ def warm_start(base_model: str | Path, output_dir: str | Path, *, max_steps: int
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fipo_trl._tiny import supervised_step
+    from fipo_trl.tools.tiny import supervised_step
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model)
@@ -169,7 +169,7 @@ def prepare_model(workdir: str | Path, *, seed: int, max_warm_start_steps: int =
     replaced by the next (init seed = seed + 1000 x attempt), up to ``attempts`` times. ``target_chain_accuracy``
     and ``check_every`` are the warm start's competence target and how often it is checked. Returns the warm-started
     path and ``{"init_seed", "steps", "reached"}`` of the attempt kept (the last one if none reached it)."""
-    from fipo_trl._tiny import build_tiny_model
+    from fipo_trl.tools.tiny import build_tiny_model
 
     workdir = Path(workdir)
     for attempt in range(attempts):

@@ -1,4 +1,4 @@
-"""Train a causal LM with FIPO: the `fipo-trl train` command (fipo_trl/cli.py) as a script.
+"""Train a causal LM with FIPO: the `fipo-trl train` command (fipo_trl/tools/cli.py) as a script.
 
     python examples/train_fipo.py
         The embedded default: builds a tiny Llama and tokenizer locally (no download), trains it with FIPO on
@@ -14,7 +14,7 @@ Any FIPOConfig / GRPOConfig / transformers TrainingArguments / trl ModelConfig f
 
 import sys
 
-from fipo_trl.cli import train
+from fipo_trl.tools.cli import train
 
 if __name__ == "__main__":
     train(sys.argv[1:])

@@ -2,11 +2,19 @@
 
 ``fipo_weights`` and ``fipo_loss`` are importable without loading TRL; ``FIPOConfig`` and ``FIPOTrainer`` load TRL on
 first use.
+
+The package has three parts: the method at the top level (config, trainer, loss, dynamic_sampling, rewards), the
+run-safety layer in ``fipo_trl.safety`` (its contract: safety/README.md) and the tools in ``fipo_trl.tools`` (the
+``fipo-trl`` command, evaluation, the model card, the influence page, plots). The kernels install as
+``fipo_trl.kernels``.
 """
 
 from importlib.metadata import version as _version
 
+from ._moved import install as _install_moved_paths
 from .loss import FIPOLossOutput, FIPOWeights, fipo_loss, fipo_weights
+
+_install_moved_paths()  # fipo_trl.cli, fipo_trl.checkpoints, ... keep working, deprecated, until 0.3.0
 
 __version__ = _version("fipo_trl")  # written once, in pyproject.toml
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
@@ -14,8 +10,9 @@ from trl import GRPOConfig
 from fipo_trl.dynamic_sampling import DynamicSamplingConfig
 from fipo_trl.kernels.common import DEFAULTS
 from fipo_trl.loss import SUPPORTED_LOSS_TYPES, check_hyperparameters, hyperparameters_from_config
-from fipo_trl.reward_checks import check_reward_timeout
-from fipo_trl.versions import check_installed_versions, supported_range, trl_older_than, trl_version
+from fipo_trl.safety.config_values import check_values
+from fipo_trl.safety.rewards import check_reward_timeout
+from fipo_trl.safety.versions import check_installed_versions, supported_range, trl_older_than, trl_version
 
 check_installed_versions()  # a TRL/transformers outside the supported range fails here, before any model loads
 
@@ -286,6 +283,31 @@ class FIPOConfig(DynamicSamplingConfig, GRPOConfig):
         test for computing ``old_per_token_logps`` (GRPOTrainer._generate_and_score_completions)."""
         return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) == 0
 
+    @property
+    def fipo_schedule_warnings(self) -> list[str]:
+        """What is off in the update schedule: FIPO degenerate (it is DAPO), or optimizer steps that straddle
+        generation batches. FIPOTrainer warns with these at init."""
+        messages = []
+        if self.fipo_is_degenerate:
+            messages.append(
+                f"FIPO is degenerate with this config and will train exactly like DAPO: steps_per_generation "
+                f"({self.steps_per_generation}) x num_iterations ({self.num_iterations}) divides "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), so each generation batch gets "
+                "one optimizer update, log pi_theta == log pi_old at every update and every FIPO weight is 1. Fix: "
+                "leave steps_per_generation and generation_batch_size unset (FIPOConfig then makes "
+                "fipo_updates_per_generation = 8 updates per generation batch, the official recipe), or set "
+                "steps_per_generation = k x gradient_accumulation_steps with k > 1.")
+        if self.fipo_straddles_generation_batches:
+            messages.append(
+                f"Optimizer steps straddle generation batches: steps_per_generation ({self.steps_per_generation}) x "
+                f"num_iterations ({self.num_iterations}) is not a multiple of gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}), so each generation batch gets "
+                f"{self.fipo_updates_per_generation_batch:.3g} optimizer updates and some updates mix micro-batches "
+                "of two generation batches. FIPO's weights stay exact (each micro-batch uses its own pi_old); only "
+                "the updates per generation batch are fractional. For a whole number, set steps_per_generation to a "
+                "multiple of gradient_accumulation_steps, or leave it unset (fipo_updates_per_generation).")
+        return messages
+
 
 def check_trl_compatibility(args) -> None:
     """Settings FIPO cannot serve; checked by FIPOConfig and again by FIPOTrainer. FIPO only multiplies each token's
@@ -320,135 +342,3 @@ def check_liger_loss_path(args) -> None:
             "Liger's fused kernel (GRPOTrainer.compute_liger_loss), which skips FIPO's weights. Fix: set "
             "use_liger_kernel=False, or upgrade TRL to 1.14 or later, where use_liger_kernel only patches the "
             "model's layers and the loss stays FIPO's.")
-
-
-# Counts TRL and transformers accept below their minimum: (minimum, what the value means).
-MINIMUM_COUNTS = {
-    "num_generations": (2, "completions per prompt; GRPO's advantages compare at least 2"),
-    "max_completion_length": (1, "tokens per completion"),
-    "per_device_train_batch_size": (1, "completions per device per micro-batch"),
-    "per_device_eval_batch_size": (1, "completions per device per eval batch"),
-}
-
-
-# Numbers whose range neither TRL nor transformers checks: torch or generate refuse them after the model has loaded,
-# or they do silently nothing. (field, valid?, the rule and fix)
-NUMBER_RULES = [
-    ("temperature", lambda v: v > 0, "sampling needs a temperature > 0 (GRPO compares several sampled completions per "
-     "prompt). Fix: use e.g. the official 1.0"),
-    ("top_p", lambda v: 0 < v <= 1, "it must be in (0, 1]; 1 keeps every token"),
-    ("top_k", lambda v: v >= 0, "it must be an integer >= 0 (0: no top-k cut)"),
-    ("min_p", lambda v: 0 <= v <= 1, "it must be in [0, 1], or unset"),
-    ("repetition_penalty", lambda v: v > 0, "it must be > 0 (1: no penalty)"),
-    ("learning_rate", lambda v: v >= 0, "it must be >= 0 (e.g. 1e-6)"),
-    ("beta", lambda v: v >= 0, "the KL coefficient must be >= 0 (0, the official FIPO value, needs no reference "
-     "model)"),
-    ("weight_decay", lambda v: v >= 0, "it must be >= 0 (0: none)"),
-    ("max_grad_norm", lambda v: v >= 0, "it must be >= 0 (0 turns gradient clipping off)"),
-    ("adam_beta1", lambda v: 0 <= v < 1, "it must be in [0, 1) (default 0.9)"),
-    ("adam_beta2", lambda v: 0 <= v < 1, "it must be in [0, 1) (default 0.999)"),
-    ("adam_epsilon", lambda v: v >= 0, "it must be >= 0 (default 1e-8)"),
-]
-OPTIONAL_NUMBERS = {"top_k", "min_p", "max_grad_norm"}  # None: the feature is off
-
-
-def check_values(args) -> None:
-    """Values GRPOConfig accepts that fail only after the model has loaded (in generate, torch or TRL), crash in
-    TRL's own checks (num_generations 0: ZeroDivisionError) or train silently wrong (nan, max_steps 0, beta < 0).
-    Each error names the field and the fix."""
-    for item in dataclasses.fields(args):
-        value = getattr(args, item.name, None)
-        for number in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(number, float) and not math.isfinite(number):
-                example = "" if item.default in (dataclasses.MISSING, None) else f", e.g. the default {item.default!r}"
-                rule = "every number in it must be finite" if number is not value else "it must be a finite number"
-                raise ValueError(f"`{item.name}` = {value!r} is invalid: {rule}. Fix: pass a finite value{example}.")
-    for name, (minimum, meaning) in MINIMUM_COUNTS.items():
-        value = getattr(args, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` = {value!r} is invalid: it must be an integer >= {minimum} ({meaning}).")
-    if args.num_generations_eval is not None and (not isinstance(args.num_generations_eval, int)
-                                                  or args.num_generations_eval < 1):
-        raise ValueError(f"`num_generations_eval` = {args.num_generations_eval!r} is invalid: it must be an integer "
-                         ">= 1, or unset to use num_generations.")
-    for name in ("steps_per_generation", "generation_batch_size"):  # 0 divides by zero in TRL and FIPO
-        value = getattr(args, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` = {value!r} is invalid: it must be an integer >= 1, or unset (FIPO then makes "
-                             "fipo_updates_per_generation updates per generation batch).")
-    if isinstance(args.max_steps, bool) or not isinstance(args.max_steps, int) or (
-            args.max_steps < 1 and args.max_steps != -1):
-        raise ValueError(f"`max_steps` = {args.max_steps!r} is invalid (transformers would train one step at 0): it "
-                         "must be an integer >= 1, or -1 to train for num_train_epochs.")
-    if args.max_steps == -1 and isinstance(args.num_train_epochs, (int, float)) and args.num_train_epochs <= 0:
-        raise ValueError(f"`num_train_epochs` = {args.num_train_epochs!r} with max_steps = -1 trains nothing. Fix: "
-                         "set num_train_epochs > 0, or max_steps >= 1.")
-    for name in ("seed", "data_seed"):  # numpy's seed range; set_seed fails there only after the model loads
-        value = getattr(args, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32):
-            raise ValueError(f"`{name}` = {value!r} is invalid: it must be an integer in [0, 2**32 - 1].")
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps" and not args.save_steps > 0:
-        raise ValueError(f"`save_steps` = {args.save_steps!r} is invalid with save_strategy='steps': it must be > 0 "
-                         "(a step count, or a fraction of the run below 1). Fix: e.g. save_steps=500, or "
-                         "save_strategy='no'.")
-    for name, valid, rule in NUMBER_RULES:
-        value = getattr(args, name)
-        if value is None and name in OPTIONAL_NUMBERS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
-            raise ValueError(f"`{name}` = {value!r} is invalid: {rule}.")
-    check_hub_model_id(args)
-
-
-def check_liger_machine(args) -> None:
-    """use_liger_kernel on a machine without a GPU. Like check_vllm_machine, this checks the machine, not the config:
-    GRPOConfig accepts both on any machine (a config may be built on a CPU node for a GPU job), so FIPOConfig does
-    too, and FIPOTrainer and `fipo-trl train` check them before anything runs."""
-    if args.use_liger_kernel and not gpu_available(args):
-        raise ValueError("`use_liger_kernel=True` needs a GPU (Liger's kernels are Triton GPU kernels), and this "
-                         "run has none. Fix: set use_liger_kernel=False.")
-
-
-def check_vllm_machine(args) -> None:
-    """use_vllm without a CUDA GPU or without vLLM: TRL would fail deep inside vLLM, or wait for a server."""
-    if args.use_vllm and not gpu_available(args):
-        raise ValueError("`use_vllm=True` needs a CUDA GPU, and this run has none. Fix: set use_vllm=False (TRL then "
-                         "generates with transformers).")
-    if args.use_vllm and not vllm_installed():
-        raise ValueError("`use_vllm=True` needs vLLM, which is not installed. Fix: pip install vllm (a version TRL "
-                         "supports), or set use_vllm=False.")
-
-
-def gpu_available(args) -> bool:
-    """Whether this run trains on a GPU (CUDA or XPU, and not `use_cpu`)."""
-    import torch
-
-    if args.use_cpu:
-        return False
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def check_hub_model_id(args) -> None:
-    """The repository a push would create must be a valid Hub id: checked here, not after training (transformers
-    then warns and pushes nothing). Without hub_model_id, transformers names it after output_dir's last folder."""
-    if args.hub_model_id is None and not args.push_to_hub:
-        return
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    repo_id = args.hub_model_id
-    if repo_id is None:
-        repo_id = Path(args.output_dir or "trainer_output").absolute().name
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        if args.hub_model_id is not None:
-            raise ValueError(f"`hub_model_id` = {repo_id!r} is not a valid Hub repository id: {error} Fix: use "
-                             "'name' or 'user/name' (letters, digits, '-', '_', '.').") from None
-        raise ValueError(f"push_to_hub: the repository would be named after `output_dir`'s last folder, {repo_id!r}, "
-                         f"which is not a valid Hub repository id: {error} Fix: set hub_model_id to 'name' or "
-                         "'user/name'.") from None

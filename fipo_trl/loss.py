@@ -19,7 +19,14 @@ import numpy
 import torch
 
 from fipo_trl.kernels import c_kernel_usable, compute_c, compute_torch, compute_triton, triton_usable
-from fipo_trl.kernels.common import DEFAULTS, MASKED_MEAN_EPS, Hyperparameters, non_finite_error
+from fipo_trl.kernels.common import (
+    DEFAULTS,
+    MASKED_MEAN_EPS,
+    STAT_NAMES,
+    Hyperparameters,
+    non_finite_error,
+    reduce_row_stats,
+)
 
 # TRL's loss types; FIPO weights the advantage each of them reads (FIPOTrainer), so all are supported.
 SUPPORTED_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo")
@@ -248,6 +255,18 @@ def stack_stats(stats: dict[str, float | torch.Tensor]) -> torch.Tensor:
     if all(isinstance(v, torch.Tensor) and v.dtype == values[0].dtype for v in values):
         return torch.stack(values)
     return torch.stack([torch.as_tensor(v).double() for v in values])
+
+
+def stats_over_ranks(stats: dict[str, float | torch.Tensor], accelerator=None) -> dict[str, float]:
+    """One micro-batch's stats as floats, reduced over all ranks when there are several (one gather, run on every
+    rank: each rank's stats are one row of the kernels' own reduction; one host transfer)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        local = stack_stats(stats).to(accelerator.device, torch.float32)
+        gathered = accelerator.gather(local[None]).view(-1, len(STAT_NAMES))
+        return dict(zip(STAT_NAMES, reduce_row_stats(gathered).tolist()))
+    if any(isinstance(v, torch.Tensor) for v in stats.values()):
+        return dict(zip(stats, stack_stats(stats).tolist()))
+    return dict(stats)
 
 
 def metrics_from_stats(stats: dict[str, float | torch.Tensor]) -> dict[str, float]:

@@ -19,18 +19,18 @@ import torch
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
-from fipo_trl.checkpoints import SafeCheckpointsMixin
-from fipo_trl.config import FIPOConfig, check_liger_machine, check_trl_compatibility, check_vllm_machine
-from fipo_trl.data import check_training_data
+from fipo_trl.config import FIPOConfig
 from fipo_trl.dynamic_sampling import DynamicSamplingMixin
-from fipo_trl.hub import HubResilienceMixin
-from fipo_trl.input_checks import checking_inputs
-from fipo_trl.kernels.common import LOG_RATIO_CLAMP, STAT_NAMES, reduce_row_stats
-from fipo_trl.kernels.env import check_environment
-from fipo_trl.loss import fipo_weights, hyperparameters_from_config, metrics_from_stats, stack_stats
-from fipo_trl.model_card import render_model_card
-from fipo_trl.reward_checks import CheckedReward, checked_reward
-from fipo_trl.versions import supported_range
+from fipo_trl.inert_watch import InertFIPOWatch, inert_message
+from fipo_trl.kernels.common import LOG_RATIO_CLAMP
+from fipo_trl.loss import fipo_weights, hyperparameters_from_config, metrics_from_stats, stats_over_ranks
+from fipo_trl.safety.before_load import check_after_trl_init, check_before_load
+from fipo_trl.safety.hub import HubResilienceMixin
+from fipo_trl.safety.numerics import non_finite_loss_error
+from fipo_trl.safety.rewards import CheckedRewardsMixin
+from fipo_trl.safety.saving import SafeCheckpointsMixin
+from fipo_trl.safety.versions import supported_range
+from fipo_trl.tools.model_card import render_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -87,139 +87,35 @@ def _bound_log_ratios(batch: _MicroBatch, logps: torch.Tensor) -> torch.Tensor:
     return logps
 
 
-def _check_train_dataset(dataset, args: FIPOConfig) -> None:
-    """Fail before the model loads on a dataset TRL would only reject deep inside training, or train 0 steps on."""
-    columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, list) and "prompt" not in columns:
-        raise ValueError(f"train_dataset has no 'prompt' column (its columns: {columns}). Fix: rename the column that "
-                         "holds the prompts, e.g. dataset.rename_column('question', 'prompt'), or in a recipe's "
-                         "`datasets:` entry select it with `columns:` after renaming it in the data.")
-    try:
-        size = len(dataset)
-    except TypeError:  # an IterableDataset (streaming): its size is unknown
-        return
-    needed = args.generation_batch_size // args.num_generations
-    if size < needed:
-        raise ValueError(
-            f"train_dataset has {size} prompts, but one generation batch takes {needed}: generation_batch_size "
-            f"{args.generation_batch_size} (per_device_train_batch_size {args.per_device_train_batch_size} x "
-            f"{args.world_size} processes x steps_per_generation {args.steps_per_generation}) / num_generations "
-            f"{args.num_generations}. Training would run 0 steps. Fix: add prompts, or lower "
-            "per_device_train_batch_size or fipo_updates_per_generation (steps_per_generation), or raise "
-            "num_generations.")
+# docstyle-ignore
+_CITATION = textwrap.dedent("""\
+    @article{fipo2026,
+        title        = {{FIPO: Eliciting Deep Reasoning with Future-KL Influenced Policy Optimization}},
+        author       = {{Qwen Pilot Team}},
+        year         = 2026,
+        eprint       = {arXiv:2603.19835},
+    }""")
 
 
-def _non_finite_loss_message(loss: torch.Tensor, advantages: torch.Tensor, delta: float) -> str:
-    largest = advantages.detach().abs().max().item() if advantages.numel() else 0.0
-    # TRL sums per-token losses of at most delta x 1.2 x |A| each in float32: could that sum overflow?
-    if not math.isfinite(largest) or largest * delta * 1.2 * advantages.numel() >= torch.finfo(torch.float32).max:
-        cause = (f"the advantages are too large (largest |advantage| = {largest:.3g}): the PPO surrogate overflows "
-                 "float32. Fix: scale the rewards down, or keep scale_rewards='group' (TRL's default), which "
-                 "normalises the advantages")
-    else:
-        cause = ("the policy's log-probabilities or a reward are not finite (largest |advantage| = "
-                 f"{largest:.3g}). Fix: check the model's forward pass (NaN weights, a bf16/fp16 overflow) and the "
-                 "reward functions")
-    return (f"FIPOTrainer: the loss of this micro-batch is {loss.item()}; nothing was applied to the model, whose "
-            f"checkpoints are intact. Cause: {cause}.")
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)
 
 
-class _InertFIPOWatch:
-    """Pools the weight stats over a window of generation batches and says when FIPO acts as DAPO: f so close to 1
-    on almost every token that the weight no longer changes the update (FIPOConfig.fipo_inert_threshold)."""
+class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, CheckedRewardsMixin, DynamicSamplingMixin, GRPOTrainer):
+    """[`~trl.GRPOTrainer`] for FIPO ([arXiv 2603.19835](https://huggingface.co/papers/2603.19835)): each completion
+    token's advantage is multiplied by a detached Future-KL influence weight f before TRL's loss reads it; the rest
+    (loss types, clipping, KL, vLLM, metrics) is TRL's. Same arguments as GRPOTrainer, with a [`FIPOConfig`] as
+    `args` (default: the official 32B recipe). docs/trainer.md lists every difference: the bnpo token mean of kept
+    tokens, the +-20 log-ratio clamp, the `fipo/*` metrics, and the run-safety layer (fipo_trl/safety/).
 
-    QUIET_WINDOWS = 10  # after a warning, the next this-many windows stay silent
-
-    def __init__(self, threshold: float, micro_batches_per_window: int):
-        self.threshold, self.window = threshold, micro_batches_per_window
-        self.sums = dict.fromkeys(("n_weight_changed", "n_tokens", "sum_weight", "n_upper_clipped"), 0.0)
-        self.seen = self.quiet = 0
-
-    def add(self, stats: dict[str, float]) -> dict[str, float] | None:
-        """Add one micro-batch's stats; return the window's figures when it closes inert and a warning is due."""
-        for key in self.sums:
-            self.sums[key] += stats[key]
-        self.seen += 1
-        if self.seen < self.window:
-            return None
-        tokens = self.sums["n_tokens"]
-        figures = {"changed": self.sums["n_weight_changed"] / max(tokens, 1.0),
-                   "mean": self.sums["sum_weight"] / max(tokens, 1.0),
-                   "at_cap": self.sums["n_upper_clipped"] / max(tokens, 1.0)}
-        self.sums = dict.fromkeys(self.sums, 0.0)
-        self.seen = 0
-        if self.quiet:
-            self.quiet -= 1
-            return None
-        if tokens and figures["changed"] < self.threshold:
-            self.quiet = self.QUIET_WINDOWS
-            return figures
-        return None
-
-
-class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin, GRPOTrainer):
-    """
-    Trainer for Future-KL Influenced Policy Optimization (FIPO), proposed in the paper [FIPO: Eliciting Deep Reasoning
-    with Future-KL Influenced Policy Optimization](https://huggingface.co/papers/2603.19835). It is
-    [`~trl.GRPOTrainer`] in which each completion token's advantage is multiplied by a detached influence weight f
-    before TRL's loss reads it; everything else (loss types, clipping, KL, vLLM, metrics) is TRL's.
-
-    Example:
-
-    ```python
-    >>> from fipo_trl import FIPOTrainer
-    >>> from trl.rewards import accuracy_reward
-    >>> from datasets import load_dataset
-
-    >>> dataset = load_dataset("trl-lib/DeepMath-103K", split="train")
-
-    >>> trainer = FIPOTrainer(
-    ...     model="Qwen/Qwen2.5-0.5B-Instruct",
-    ...     reward_funcs=accuracy_reward,
-    ...     train_dataset=dataset,
-    ... )
-    >>> trainer.train()
-    ```
-
-    Args:
-        model, reward_funcs, train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks,
-        optimizers, peft_config, ...:
-            As for [`~trl.GRPOTrainer`], which receives them unchanged. `train_dataset` is checked before the model
-            loads: it needs a `"prompt"` column and, unless it is streamed, at least one generation batch of prompts
-            (`generation_batch_size / num_generations`).
-        args ([`FIPOConfig`], *optional*):
-            Configuration for this trainer; a [`~trl.GRPOConfig`] is refused with the fix (use `FIPOConfig`, which
-            takes the same arguments). If `None`, a default `FIPOConfig` (the official 32B recipe) is used. A config
-            that gives one optimizer update per generation batch, where every weight is 1 and FIPO is DAPO, is
-            warned about at init.
-
-    Differences from [`~trl.GRPOTrainer`], all documented in docs/trainer.md:
-
-    - the loss: with `loss_type="bnpo"` (FIPOConfig's default) each micro-batch contributes the token mean of its
-      kept tokens divided by the gradient-accumulation steps, the official rule; a completion dropped by the sequence
-      filter leaves the numerator and, for `"bnpo"`, the denominator (the kept completions' advantages are scaled by
-      response tokens / kept tokens, exact because the PPO-clip loss is positively homogeneous in the advantage);
-    - the log-ratio TRL exponentiates is clamped to +-20, as in the official loss, and a non-finite loss stops
-      training before the optimizer step;
-    - the `fipo/*` metrics, `trainer.fipo_backend` (the compute path: `"c"`, `"torch"` or `"triton"`) and
-      `trainer.fipo_last_batch` (for callbacks);
-    - dynamic sampling, checkpoints that survive a crash mid-save, Hub outages as warnings, and the FIPO model card.
+    >>> FIPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=accuracy_reward, train_dataset=data).train()
     """
 
     _tag_names = ["trl", "grpo", "fipo"]
     _name = "FIPO"
-    _paper = {
-        "title": "FIPO: Eliciting Deep Reasoning with Future-KL Influenced Policy Optimization",
-        "id": "2603.19835",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{fipo2026,
-                title        = {{FIPO: Eliciting Deep Reasoning with Future-KL Influenced Policy Optimization}},
-                author       = {{Qwen Pilot Team}},
-                year         = 2026,
-                eprint       = {arXiv:2603.19835},
-            }"""),
-    }
+    _paper = {"title": "FIPO: Eliciting Deep Reasoning with Future-KL Influenced Policy Optimization",
+              "id": "2603.19835", "citation": _CITATION}
 
     def __init__(self, model, reward_funcs=None, args: FIPOConfig | None = None, *pargs, **kwargs):
         if args is None:
@@ -229,85 +125,26 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
             kind = "GRPOConfig" if isinstance(args, GRPOConfig) else type(args).__name__
             raise TypeError(f"FIPOTrainer needs `args` to be a FIPOConfig, got a {kind}. Replace GRPOConfig(...) with "
                             "fipo_trl.FIPOConfig(...): it takes the same arguments plus the FIPO fields.")
-        with checking_inputs():  # before the model loads: `fipo-trl` shows these errors as one line
-            check_trl_compatibility(args)
-            check_environment()  # a bad FIPO_TRL_* value fails here, not at the first loss
-            train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (pargs[0] if pargs else None)
-            _check_train_dataset(train_dataset, args)
-            check_training_data(train_dataset, args, model, reward_funcs,
-                                kwargs.get("processing_class", pargs[2] if len(pargs) > 2 else None))
-            check_vllm_machine(args)
-            if isinstance(model, str):  # before the load; a model already loaded waits for TRL's own checks below
-                check_liger_machine(args)
-        if args.fipo_is_degenerate:
-            message = (
-                f"FIPO is degenerate with this config and will train exactly like DAPO: steps_per_generation "
-                f"({args.steps_per_generation}) x num_iterations ({args.num_iterations}) divides "
-                f"gradient_accumulation_steps ({args.gradient_accumulation_steps}), so each generation batch gets "
-                "one optimizer update, log pi_theta == log pi_old at every update and every FIPO weight is 1. Fix: "
-                "leave steps_per_generation and generation_batch_size unset (FIPOConfig then makes "
-                "fipo_updates_per_generation = 8 updates per generation batch, the official recipe), or set "
-                "steps_per_generation = k x gradient_accumulation_steps with k > 1."
-            )
-            warnings.warn(message, UserWarning, stacklevel=2)
-            logger.warning(message)
-        if args.fipo_straddles_generation_batches:
-            message = (
-                f"Optimizer steps straddle generation batches: steps_per_generation ({args.steps_per_generation}) x "
-                f"num_iterations ({args.num_iterations}) is not a multiple of gradient_accumulation_steps "
-                f"({args.gradient_accumulation_steps}), so each generation batch gets "
-                f"{args.fipo_updates_per_generation_batch:.3g} optimizer updates and some updates mix micro-batches "
-                "of two generation batches. FIPO's weights stay exact (each micro-batch uses its own pi_old); only "
-                "the updates per generation batch are fractional. For a whole number, set steps_per_generation to a "
-                "multiple of gradient_accumulation_steps, or leave it unset (fipo_updates_per_generation)."
-            )
-            warnings.warn(message, UserWarning, stacklevel=2)
-            logger.warning(message)
+        check_before_load(model, reward_funcs, args, pargs, kwargs)
+        for message in args.fipo_schedule_warnings:  # FIPO degenerate (DAPO), or steps straddling batches
+            _warn(message)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        if not isinstance(model, str):  # TRL's argument errors first, as with GRPOTrainer; still before any step
-            with checking_inputs():
-                check_liger_machine(args)
-        # Callable reward functions run checked and under the time limit (reward_checks.py); reward models are TRL's.
-        self.reward_funcs = [func if isinstance(func, torch.nn.Module)
-                             else checked_reward(func, name, self.args.reward_func_timeout_seconds)
-                             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)]
+        check_after_trl_init(model, args)
         self._fipo_loss_hooked = False  # set by _compute_loss, checked by compute_loss: TRL still calls the hook
         self._fipo_pending: tuple | None = None  # (model, micro-batch) between _compute_loss and its forward pass
         self.fipo_last_batch: dict[str, torch.Tensor] | None = None  # the last weighted micro-batch, for callbacks
         self.fipo_backend: str | None = None  # which path computes the weights: "triton", "c" or "torch"
-        # micro-batches of one generation batch: each is used steps_per_generation x num_iterations times
-        per_batch = self.args.steps_per_generation * self.args.num_iterations
-        self._fipo_inert_watch = (_InertFIPOWatch(self.args.fipo_inert_threshold,
-                                                  self.args.fipo_inert_window * per_batch)
-                                  if self.args.fipo_inert_threshold > 0 else None)
+        self._fipo_inert_watch = InertFIPOWatch.for_config(self.args)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None,
-                          eval_results: dict[str, dict[str, float]] | None = None):
-        """Write the FIPO model card (``model_cards/fipo_model_card.md``) to ``output_dir/README.md``: base model,
-        dataset, FIPO hyperparameters, training curves, evaluation results (``{dataset: {metric: value}}``, also as
-        model-index), library versions, citations and how to load the model or adapter. Called on every checkpoint
-        save and by ``push_to_hub``."""
+                          tags: str | list[str] | None = None, eval_results: dict | None = None):
+        """Write the FIPO model card (tools/model_card.py; eval_results: ``{dataset: {metric: value}}``) to
+        ``output_dir/README.md``, on every checkpoint save and by ``push_to_hub``."""
         if not self.is_world_process_zero():
             return
         card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags,
                                  eval_results=eval_results)
         card.save(os.path.join(self.args.output_dir, "README.md"))
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        unchecked = [name for func, name in zip(self.reward_funcs, self.reward_func_names)
-                     if not isinstance(func, (CheckedReward, torch.nn.Module))]
-        calls = {name: func.calls for func, name in zip(self.reward_funcs, self.reward_func_names)
-                 if isinstance(func, CheckedReward)}
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        unchecked += [name for func, name in zip(self.reward_funcs, self.reward_func_names)
-                      if isinstance(func, CheckedReward) and func.calls == calls[name]]
-        if unchecked:
-            raise RuntimeError(f"FIPOTrainer's reward checks did not run for {unchecked}: this TRL version calls the "
-                               "reward functions some other way, so non-finite or malformed rewards and the time "
-                               f"limit would go unchecked. Install a TRL version fipo_trl supports "
-                               f"({supported_range('trl')}).")
-        return rewards_per_func
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._fipo_loss_hooked = False
@@ -329,8 +166,7 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
         if not batch.weighted:
             raise _hook_broken("never ran: no policy forward pass happened in _compute_loss")
         if not torch.isfinite(loss):  # before backward: a NaN/inf step would poison every weight
-            raise FloatingPointError(_non_finite_loss_message(loss, dict.__getitem__(batch, "advantages"),
-                                                              self.args.delta))
+            raise non_finite_loss_error(loss, dict.__getitem__(batch, "advantages"), self.args.delta)
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
@@ -375,38 +211,12 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, DynamicSamplingMixin
 
     def _log_fipo_metrics(self, stats: dict[str, torch.Tensor], fused: bool) -> None:
         """Reduce the stats over all ranks (one gather, run unconditionally on every rank) and log the metrics."""
-        if self.accelerator.num_processes > 1:  # each rank's batch stats are one row: the kernels' own reduction
-            local = stack_stats(stats).to(self.accelerator.device, torch.float32)
-            gathered = self.accelerator.gather(local[None]).view(-1, len(STAT_NAMES))
-            stats = dict(zip(STAT_NAMES, reduce_row_stats(gathered).tolist()))  # one host transfer
-        if any(isinstance(v, torch.Tensor) for v in stats.values()):
-            stats = dict(zip(stats, stack_stats(stats).tolist()))  # one host transfer
+        stats = stats_over_ranks(stats, self.accelerator)
         mode = "train" if self.model.training else "eval"
-        if mode == "train" and self._fipo_inert_watch is not None:
-            self._warn_if_inert(self._fipo_inert_watch.add(stats))
+        figures = self._fipo_inert_watch.add(stats) if mode == "train" and self._fipo_inert_watch else None
+        if figures is not None and self.is_world_process_zero():
+            _warn(inert_message(figures, self.args))
         for name, value in metrics_from_stats(stats).items():
             if not math.isnan(value):  # an extremum of an empty set: left out of this step, not logged as None
                 self._metrics[mode][f"fipo/{name}"].append(value)
         self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: a fused kernel (Triton or C), 0: torch
-
-    def _warn_if_inert(self, figures: dict[str, float] | None) -> None:
-        if figures is None or not self.is_world_process_zero():
-            return
-        args = self.args
-        updates = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
-        message = (
-            f"FIPO is close to inert: over the last {args.fipo_inert_window} generation batches only "
-            f"{figures['changed']:.1%} of response tokens had a weight f further than 1 % from 1 "
-            f"(fipo/weight_changed_ratio; the warning threshold fipo_inert_threshold is {args.fipo_inert_threshold:g})"
-            f", f mean {figures['mean']:.4f}, {figures['at_cap']:.1%} at the cap. The update is then nearly DAPO's. "
-            "f moves only as far as the policy moves within a generation batch (docs/trainer.md has the figures). "
-            "What raised it in our measurements: more optimizer updates per generation batch (now "
-            f"{updates:g}; fipo_updates_per_generation: 2 -> 8 took SmolLM2-135M from 18 % to 45 %). A policy "
-            "that stops moving because every group's rewards agree (advantage 0: a solved or too hard task) shows "
-            "here too: check the reward std, or drop such groups with dynamic_sampling. A larger learning_rate "
-            f"(now {args.learning_rate:g}) or fipo_decay_rate (now {args.fipo_decay_rate:g}) changed it little or "
-            "not at all. "
-            "Set fipo_inert_threshold=0 to silence this check."
-        )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        logger.warning(message)

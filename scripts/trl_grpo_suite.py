@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist processes (1: no xdist)")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression, to run part of the file")
     args = parser.parse_args(argv)
-    if args.workers > 1 and importlib.util.find_spec("xdist") is None:
+    if args.arms and args.workers > 1 and importlib.util.find_spec("xdist") is None:  # only a run needs xdist
         parser.error(f"--workers {args.workers} needs pytest-xdist: pip install pytest-xdist, or pass --workers 1")
     for arm in args.arms:
         folder = args.workdir / arm

@@ -18,13 +18,13 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A tiny Llama causal LM and word-level tokenizer saved once per session (~0.2 s, no Hub)."""
-    from fipo_trl._tiny import build_tiny_model
+    from fipo_trl.tools.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset():
-    from fipo_trl._tiny import tiny_prompt_dataset
+    from fipo_trl.tools.tiny import tiny_prompt_dataset
 
     return tiny_prompt_dataset(16)

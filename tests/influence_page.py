@@ -1,5 +1,5 @@
-"""Reading back an influence page (``fipo_trl.influence.render_influence_html``) in tests: the trainer, the demo and
-the long-reasoning study check their pages against the weights they computed."""
+"""Reading back an influence page (``fipo_trl.tools.influence.render_influence_html``) in tests: the trainer, the demo
+and the long-reasoning study check their pages against the weights they computed."""
 
 import html.parser
 

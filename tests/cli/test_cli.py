@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from fipo_trl import cli
+from fipo_trl.tools import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "fipo_trl.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fipo_trl.tools.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -58,7 +58,7 @@ def test_trains_from_flags_with_a_dataset_mixture_and_shipped_rewards(tiny_model
                       "    columns: [prompt, answer]\n")
     trainer = cli.train([
         "--config", str(recipe), "--model_name_or_path", tiny_model_path, "--output_dir", str(tmp_path / "o"),
-        "--reward_funcs", "math_verify_reward", "overlong_penalty", "fipo_trl._tiny.digit_reward",
+        "--reward_funcs", "math_verify_reward", "overlong_penalty", "fipo_trl.tools.tiny.digit_reward",
         "--overlong_buffer_length", "4", "--max_completion_length", "8", "--per_device_train_batch_size", "4",
         "--num_generations", "4", "--max_steps", "2", "--bf16", "false", "--gradient_checkpointing", "false",
         "--report_to", "none", "--save_strategy", "no", "--dtype", "float32", "--learning_rate", "1e-3",
@@ -147,7 +147,7 @@ def test_trains_a_local_model_on_local_json_without_bf16_flags(tiny_model_path, 
     out = tmp_path / "o"
     trainer = cli.train([
         "--model_name_or_path", tiny_model_path, "--dataset_name", "json", "--data_files", str(data),
-        "--output_dir", str(out), "--reward_funcs", "fipo_trl._tiny.digit_reward", "--max_steps", "2",
+        "--output_dir", str(out), "--reward_funcs", "fipo_trl.tools.tiny.digit_reward", "--max_steps", "2",
         "--max_completion_length", "6", "--per_device_train_batch_size", "4", "--num_generations", "4",
         "--fipo_updates_per_generation", "2", "--report_to", "none", "--save_strategy", "no",
         "--gradient_checkpointing", "false", "--logging_steps", "1",

@@ -9,9 +9,9 @@ import traceback
 
 import pytest
 
-import fipo_trl._tiny
-import fipo_trl.config
-from fipo_trl import cli, evaluation
+import fipo_trl.safety.machine
+import fipo_trl.tools.tiny
+from fipo_trl.tools import cli, evaluation
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def nothing_loads(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("something was loaded before the inputs were checked")
 
-    monkeypatch.setattr(fipo_trl._tiny, "build_tiny_model", loaded)
+    monkeypatch.setattr(fipo_trl.tools.tiny, "build_tiny_model", loaded)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loaded)
     monkeypatch.setattr(evaluation, "transformers_generator", loaded)
@@ -94,7 +94,7 @@ def test_eval_output_dir_is_checked_before_anything_loads(tmp_path, read_only_di
 
 
 def test_a_writable_output_dir_is_not_created_by_the_check(tmp_path):
-    from fipo_trl.input_checks import check_output_dir
+    from fipo_trl.safety.inputs import check_output_dir
 
     check_output_dir(str(tmp_path / "new" / "run"))
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
@@ -140,7 +140,7 @@ BAD_TRAIN_FLAGS = [  # (flags, texts the error must contain)
 @pytest.mark.parametrize("flags, expected", BAD_TRAIN_FLAGS, ids=[" ".join(f) for f, _ in BAD_TRAIN_FLAGS])
 def test_a_bad_training_flag_is_one_line_before_anything_loads(tmp_path, nothing_loads, monkeypatch, capsys, flags,
                                                                expected):
-    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: False)  # the CPU-only case, on any machine
+    monkeypatch.setattr(fipo_trl.safety.machine, "gpu_available", lambda args: False)  # CPU-only, on any machine
     output_dir = tmp_path / ("bad name!" if "--push_to_hub" in flags else "run")
     error = one_line_error(capsys, ["train", "--output_dir", str(output_dir), *flags])
     for text in expected:

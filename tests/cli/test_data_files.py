@@ -1,4 +1,4 @@
-"""`fipo-trl train` and `fipo-trl eval` read local data files through one table (fipo_trl/data.py) and refuse a
+"""`fipo-trl train` and `fipo-trl eval` read local data files through one table (fipo_trl/safety/data.py) and refuse a
 damaged or misleading file with one line naming the file (and the line) before the model loads."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import re
 import pytest
 import transformers
 
-from fipo_trl import cli, evaluation
-from fipo_trl.data import DATA_FILE_BUILDERS, data_file_builder
+from fipo_trl.safety.data import DATA_FILE_BUILDERS, data_file_builder
+from fipo_trl.tools import cli, evaluation
 
 PROMPTS = [f"what is {w} plus one ?" for w in ("one", "two", "three", "four")] * 2
 
@@ -32,7 +32,7 @@ def train_error(tmp_path, capsys, *args) -> str:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--model_name_or_path", str(tmp_path / "some-model"), "--output_dir", str(tmp_path / "o"),
                   "--per_device_train_batch_size", "4", "--num_generations", "4",
-                  "--fipo_updates_per_generation", "2", "--reward_funcs", "fipo_trl._tiny.digit_reward", *args])
+                  "--fipo_updates_per_generation", "2", "--reward_funcs", "fipo_trl.tools.tiny.digit_reward", *args])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("fipo-trl: error: "), error

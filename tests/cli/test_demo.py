@@ -85,7 +85,7 @@ def test_compare_script_quick_mode(tmp_path):
 def test_missing_matplotlib_names_the_extra(monkeypatch):
     import builtins
 
-    from fipo_trl import plots
+    from fipo_trl.tools import plots
 
     real_import = builtins.__import__
 

@@ -3,7 +3,7 @@ FIPO_TRL_TRACEBACK takes the yes/no words people write."""
 
 import pytest
 
-from fipo_trl import cli
+from fipo_trl.tools import cli
 
 
 @pytest.mark.parametrize("command", [["eval", "--k", "2"], ["train", "--max_steps", "1"]])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fipo_trl import evaluation
-from fipo_trl.evaluation import SAMPLES_FILE, EvalArguments, evaluate_math
-from fipo_trl.math_metrics import load_math_metric
+from fipo_trl.tools import evaluation
+from fipo_trl.tools.evaluation import SAMPLES_FILE, EvalArguments, evaluate_math
+from fipo_trl.tools.math_metrics import load_math_metric
 
 NEVER_LOADED = "nonexistent-org/never-loaded-model"  # a Hub id: only a model load would touch it
 
@@ -26,14 +26,14 @@ def no_model_load(monkeypatch):
     """Fail the test if anything loads (or builds) a model or tokenizer."""
     import transformers
 
-    import fipo_trl._tiny
+    import fipo_trl.tools.tiny
 
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
     monkeypatch.setattr(evaluation, "transformers_generator", loaded)
     monkeypatch.setattr(evaluation, "vllm_generator", loaded)
-    monkeypatch.setattr(fipo_trl._tiny, "build_tiny_model", loaded)
+    monkeypatch.setattr(fipo_trl.tools.tiny, "build_tiny_model", loaded)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loaded)
 
 
@@ -124,7 +124,7 @@ def test_dataset_files_and_columns_are_checked_before_the_model_loads(tmp_path, 
 
 def test_the_console_script_prints_the_error_and_exits_2(tmp_path):
     script = Path(sys.executable).with_name("fipo-trl")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "fipo_trl.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fipo_trl.tools.cli"]
     result = subprocess.run([*command, "eval", "--k", "2", "--pass_k", "5", "--model_name_or_path", NEVER_LOADED,
                              "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -333,7 +333,7 @@ def test_a_dtype_no_model_loads_in_is_refused_before_anything_is_written(tmp_pat
 
 
 def test_a_model_that_does_not_load_is_one_error_line_and_the_corrected_rerun_runs(tmp_path, capsys):
-    from fipo_trl import cli
+    from fipo_trl.tools import cli
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:

@@ -9,8 +9,8 @@ from pathlib import Path
 import evaluate
 import pytest
 
-from fipo_trl.math_metrics import METRIC_PATH, load_math_metric
-from fipo_trl.math_metrics.math_metrics import majority_vote, pass_at_k
+from fipo_trl.tools.math_metrics import METRIC_PATH, load_math_metric
+from fipo_trl.tools.math_metrics.math_metrics import majority_vote, pass_at_k
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,7 @@ def test_evaluate_script_end_to_end_on_the_tiny_model(tmp_path):
 
 
 def test_eval_subcommand_on_a_local_dataset_file(tmp_path):
-    from fipo_trl import cli
+    from fipo_trl.tools import cli
 
     data = tmp_path / "aime.jsonl"
     data.write_text("".join(json.dumps({"problem": f"what is {w} plus one ?", "answer": a}) + "\n"

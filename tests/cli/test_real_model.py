@@ -74,7 +74,7 @@ def test_eval_prompts_are_the_training_prompts_token_for_token(model_folder, tmp
     builds from test.jsonl's chat messages, and the committed eval files are task.py's output."""
     from transformers import AutoTokenizer
 
-    from fipo_trl.evaluation import EvalArguments, build_prompts
+    from fipo_trl.tools.evaluation import EvalArguments, build_prompts
 
     task = load_task()
     tokenizer = AutoTokenizer.from_pretrained(model_folder)

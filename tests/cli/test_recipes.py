@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fipo_trl.cli import make_parser
+from fipo_trl.tools.cli import make_parser
 
 RECIPES = Path(__file__).resolve().parents[2] / "examples" / "recipes"
 # Processes each recipe's batch sizes are written for (its header says so).

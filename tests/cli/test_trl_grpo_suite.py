@@ -91,10 +91,14 @@ def test_a_checkout_without_the_files_is_refused_by_name(tmp_path):
         suite.build_suite(tmp_path, tmp_path / "suite", "fipo")
 
 
-def test_workers_without_pytest_xdist_are_refused_with_the_fix(tmp_path, monkeypatch, capsys):
+def without_xdist(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "xdist" else real_find_spec(name, *args))
+
+
+def test_workers_without_pytest_xdist_are_refused_with_the_fix(tmp_path, monkeypatch, capsys):
+    without_xdist(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         suite.main(["--trl_source", str(tmp_path), "--workdir", str(tmp_path / "work"), "--workers", "2"])
     assert exit_info.value.code == 2
@@ -102,7 +106,10 @@ def test_workers_without_pytest_xdist_are_refused_with_the_fix(tmp_path, monkeyp
     assert not (tmp_path / "work").exists()
 
 
-def test_comparing_without_saved_outcomes_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("xdist", [True, False])
+def test_comparing_without_saved_outcomes_is_refused(xdist, tmp_path, monkeypatch, capsys):
+    if not xdist:  # comparing runs no test: it needs no pytest-xdist, whatever --workers says
+        without_xdist(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         suite.main(["--trl_source", str(tmp_path), "--workdir", str(tmp_path / "work"), "--arms"])
     assert exit_info.value.code == 2 and "nothing to compare" in capsys.readouterr().err

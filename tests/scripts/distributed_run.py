@@ -8,7 +8,7 @@ from rank_results import write_rank_result
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 
 class RecordLocalFutureKL(TrainerCallback):

@@ -6,7 +6,7 @@ import argparse
 from peft import LoraConfig
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 
 def main():

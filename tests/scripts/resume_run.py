@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 
 class KillAfterCheckpoint(TrainerCallback):

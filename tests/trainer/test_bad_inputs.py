@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
-from fipo_trl._tiny import tiny_prompt_dataset
-from fipo_trl.hub import warn_hub_failure
-from fipo_trl.influence import render_influence_html
 from fipo_trl.rewards import MathVerifyReward, overlong_penalty
-from fipo_trl.versions import trl_older_than
+from fipo_trl.safety.hub import warn_hub_failure
+from fipo_trl.safety.versions import trl_older_than
+from fipo_trl.tools.influence import render_influence_html
+from fipo_trl.tools.tiny import tiny_prompt_dataset
 
 
 def config(tmp_path, **overrides):
@@ -121,11 +121,11 @@ def test_a_push_named_after_an_invalid_output_dir_is_refused(tmp_path):
 def test_gpu_only_options_are_accepted_by_the_config_and_refused_by_the_trainer_before_loading(tmp_path, monkeypatch):
     import trl
 
-    import fipo_trl.config
+    import fipo_trl.safety.machine
 
-    gpu_available = fipo_trl.config.gpu_available
+    gpu_available = fipo_trl.safety.machine.gpu_available
     assert not gpu_available(config(tmp_path, use_cpu=True))  # use_cpu: a CPU run even on a GPU machine
-    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: False)
+    monkeypatch.setattr(fipo_trl.safety.machine, "gpu_available", lambda args: False)
     # a TRL whose loss is Liger's (<= 1.13) refuses use_liger_kernel in the config, on any machine (test_versions.py)
     monkeypatch.delattr(trl.GRPOTrainer, "compute_liger_loss", raising=False)
     # As GRPOConfig: a config may be built on a CPU node for a GPU job. The machine is checked where it trains.
@@ -137,8 +137,8 @@ def test_gpu_only_options_are_accepted_by_the_config_and_refused_by_the_trainer_
         FIPOTrainer(model=no_such_model, reward_funcs=reward, args=liger, train_dataset=dataset)
     with pytest.raises(ValueError, match=r"`use_vllm=True` needs a CUDA GPU.*Fix: set use_vllm=False"):
         FIPOTrainer(model=no_such_model, reward_funcs=reward, args=vllm, train_dataset=dataset)
-    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: True)
-    monkeypatch.setattr(fipo_trl.config, "vllm_installed", lambda: False)
+    monkeypatch.setattr(fipo_trl.safety.machine, "gpu_available", lambda args: True)
+    monkeypatch.setattr(fipo_trl.safety.machine, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match=r"`use_vllm=True` needs vLLM, which is not installed. Fix: pip install"):
         FIPOTrainer(model=no_such_model, reward_funcs=reward, args=vllm, train_dataset=dataset)
 
@@ -148,11 +148,11 @@ def test_liger_without_a_gpu_and_a_loaded_model_lets_trls_own_errors_come_first(
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    import fipo_trl.config
+    import fipo_trl.safety.machine
 
     if trl_older_than("1.14"):
         pytest.skip("this TRL refuses use_liger_kernel in the config (its Liger loss skips FIPO's weights)")
-    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: False)
+    monkeypatch.setattr(fipo_trl.safety.machine, "gpu_available", lambda args: False)
     reward = lambda completions, **kwargs: [0.0] * len(completions)  # noqa: E731
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     args = config(tmp_path, use_liger_kernel=True)

@@ -1,4 +1,4 @@
-"""Checkpoints cut short by a kill or a full disk: resuming uses the newest complete one (fipo_trl/checkpoints.py).
+"""Checkpoints cut short by a kill or a full disk: resuming uses the newest complete one (fipo_trl/safety/).
 
 The slow tests SIGKILL real training processes during a checkpoint save; this file is also their child process
 (``python tests/trainer/test_checkpoint_recovery.py <model> <output_dir> ...``, see ``child_main``).
@@ -20,15 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fipo_trl.checkpoints import (
+from fipo_trl.safety.checkpoint_files import (
     checkpoint_problems,
     is_model_only,
     list_checkpoints,
     newest_complete_checkpoint,
-    resolve_resume,
     saving_marker,
-    set_aside_incomplete,
 )
+from fipo_trl.safety.resume import resolve_resume, set_aside_incomplete
 
 HERE = Path(__file__).resolve()
 
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve()
 
 def make_trainer(model_path, output_dir, **overrides):
     from fipo_trl import FIPOConfig, FIPOTrainer
-    from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+    from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
     settings = dict(output_dir=str(output_dir), bf16=False, per_device_train_batch_size=4, num_generations=4,
                     max_completion_length=8, max_steps=6, learning_rate=1e-2, fipo_updates_per_generation=2,
@@ -391,7 +390,7 @@ def test_cli_resume_true_skips_a_partial_checkpoint(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def run(*extra):
-        return subprocess.run([sys.executable, "-m", "fipo_trl.cli", "train", *map(str, [*flags, *extra])],
+        return subprocess.run([sys.executable, "-m", "fipo_trl.tools.cli", "train", *map(str, [*flags, *extra])],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
     first = run()

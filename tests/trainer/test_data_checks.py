@@ -1,5 +1,5 @@
-"""FIPOTrainer checks the training data before the model loads (fipo_trl/data.py: check_training_data): prompts of
-the wrong type, empty, without 'content', of mixed formats, too long for an absolute position table; a column that
+"""FIPOTrainer checks the training data before the model loads (fipo_trl/safety/data.py: check_training_data): prompts
+of the wrong type, empty, without 'content', of mixed formats, too long for an absolute position table; a column that
 clashes with TRL's reward arguments; math_verify_reward without an answer column."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import transformers
 from datasets import Dataset
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import build_tiny_tokenizer, digit_reward, tiny_prompt_dataset
-from fipo_trl.data import absolute_position_limit, check_prompts
 from fipo_trl.rewards import math_verify_reward
+from fipo_trl.safety.data import absolute_position_limit, check_prompts
+from fipo_trl.tools.tiny import build_tiny_tokenizer, digit_reward, tiny_prompt_dataset
 
 
 @pytest.fixture

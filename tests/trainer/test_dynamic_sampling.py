@@ -5,8 +5,8 @@ import torch
 from trl import GRPOTrainer
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 from fipo_trl.dynamic_sampling import concat_generation_outputs, group_keep_mask, select_rows
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 G = 4
 

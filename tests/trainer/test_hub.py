@@ -93,9 +93,9 @@ def test_cli_pushes_the_adapter_and_the_merged_model(tmp_path):
     token = f"hf_{secrets.token_hex(16)}"
     with HubStandIn(token) as hub:
         run = subprocess.run(
-            [sys.executable, "-m", "fipo_trl.cli", "train", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
-             "--save_strategy", "no", "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--merge_adapter",
-             "--push_to_hub", "--hub_model_id", "tiny-cli"],
+            [sys.executable, "-m", "fipo_trl.tools.cli", "train", "--output_dir", str(tmp_path / "out"), "--max_steps",
+             "2", "--save_strategy", "no", "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+             "--merge_adapter", "--push_to_hub", "--hub_model_id", "tiny-cli"],
             env=hub_env(hub.url, token), capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-4000:]
         adapter, merged = hub.repos["fipo-user/tiny-cli"], hub.repos["fipo-user/tiny-cli-merged"]

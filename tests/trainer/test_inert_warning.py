@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+from fipo_trl.inert_watch import InertFIPOWatch
 from fipo_trl.kernels.common import WEIGHT_CHANGED_TOLERANCE
-from fipo_trl.trainer import _InertFIPOWatch
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 INERT = "FIPO is close to inert"
 
@@ -72,15 +72,15 @@ def test_the_watch_pools_a_window_and_is_rate_limited():
         return {"n_weight_changed": changed, "n_tokens": tokens, "sum_weight": tokens, "n_upper_clipped": 0.0}
 
     # pooled over the window: 0 + 0 + 0 + 16 changed of 400 tokens = 4 % < 5 %: inert, reported at the 4th
-    watch = _InertFIPOWatch(threshold=0.05, micro_batches_per_window=4)
+    watch = InertFIPOWatch(threshold=0.05, micro_batches_per_window=4)
     results = [watch.add(stats(c)) for c in (0, 0, 0, 16)]
     assert results[:3] == [None] * 3 and results[3]["changed"] == pytest.approx(0.04)
     # 20 of 400 = 5 %: not below the threshold, never reported
-    active = _InertFIPOWatch(threshold=0.05, micro_batches_per_window=4)
+    active = InertFIPOWatch(threshold=0.05, micro_batches_per_window=4)
     assert all(active.add(stats(c)) is None for c in (0, 20, 0, 0) * 5)
     # an inert run warns at its 1st window, then stays silent for QUIET_WINDOWS windows, then warns again
     warned = [i for i in range(30) if [watch.add(stats(0)) for _ in range(4)][-1] is not None]
-    assert warned == [_InertFIPOWatch.QUIET_WINDOWS, 2 * _InertFIPOWatch.QUIET_WINDOWS + 1]
+    assert warned == [InertFIPOWatch.QUIET_WINDOWS, 2 * InertFIPOWatch.QUIET_WINDOWS + 1]
 
 
 @pytest.mark.parametrize("field, value", [("fipo_inert_threshold", -0.1), ("fipo_inert_threshold", 1.5),

@@ -12,8 +12,8 @@ from influence_page import read_influence_html
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
-from fipo_trl.influence import TokenInfluenceCallback, batch_context, references_by_prompt
+from fipo_trl.tools.influence import TokenInfluenceCallback, batch_context, references_by_prompt
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 
 def test_influence_page_shows_the_trainers_weights(tiny_model_path, tmp_path):
@@ -120,8 +120,8 @@ document.body.setAttribute('data-probe', JSON.stringify({
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium) for a real layout")
 def test_influence_page_layout_in_headless_chromium(tmp_path):
-    from fipo_trl._tiny import build_tiny_tokenizer
-    from fipo_trl.influence import render_influence_html
+    from fipo_trl.tools.influence import render_influence_html
+    from fipo_trl.tools.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     ids = tokenizer("one 6 = 6 , two 0 = 6 , three 4 = 0 , four 8 = 8 , " * 4 + "the answer is 8 .")["input_ids"]

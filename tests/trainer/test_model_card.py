@@ -10,8 +10,9 @@ import yaml
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 
-from fipo_trl import FIPOConfig, FIPOTrainer, model_card
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+from fipo_trl import FIPOConfig, FIPOTrainer
+from fipo_trl.tools import model_card
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 
 def make_trainer(model_path, tmp_path, peft_config=None, **overrides):

@@ -8,8 +8,8 @@ import torch
 from trl import GRPOTrainer
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 from fipo_trl.kernels.naive import fipo_loss_naive
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 B, PROMPT, T = 4, 3, 6
 DELTAS = [25.0, -25.0, 100.0, -100.0, 1000.0, -1000.0]

@@ -6,7 +6,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig
 from transformers import AutoModelForCausalLM
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 
 @pytest.fixture(scope="module")

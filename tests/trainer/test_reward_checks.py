@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import tiny_prompt_dataset
-from fipo_trl.reward_checks import CheckedAsyncReward, CheckedReward
+from fipo_trl.safety.rewards import CheckedAsyncReward, CheckedReward
+from fipo_trl.tools.tiny import tiny_prompt_dataset
 
 N = 4  # completions per reward call in these tests
 

@@ -1,4 +1,4 @@
-"""One run per output_dir, and resumes that continue the run they name (fipo_trl/checkpoints.py): a fresh run never
+"""One run per output_dir, and resumes that continue the run they name (fipo_trl/safety/): a fresh run never
 mixes its checkpoints with another run's, a second run into a busy output_dir is refused (a dead run's lock is taken
 over), a resume with changed settings is told what changed (the card records it) and refused where the change
 breaks the run, and each kind of folder passed to resume_from_checkpoint is named for what it is."""
@@ -16,19 +16,13 @@ from pathlib import Path
 import pytest
 import transformers
 
-from fipo_trl import FIPOConfig, FIPOTrainer, cli
-from fipo_trl._tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
-from fipo_trl.checkpoints import (
-    LOCK_FILE,
-    RUN_SETTINGS_FILE,
-    acquire_output_dir_lock,
-    check_dynamic_sampling_seed,
-    checkpoint_problems,
-    is_model_only,
-    release_output_dir_lock,
-    resolve_resume,
-    set_aside_incomplete,
-)
+from fipo_trl import FIPOConfig, FIPOTrainer
+from fipo_trl.safety.checkpoint_files import checkpoint_problems, is_model_only
+from fipo_trl.safety.lock import LOCK_FILE, acquire_output_dir_lock, release_output_dir_lock
+from fipo_trl.safety.resume import resolve_resume, set_aside_incomplete
+from fipo_trl.safety.run_settings import RUN_SETTINGS_FILE, check_dynamic_sampling_seed
+from fipo_trl.tools import cli
+from fipo_trl.tools.tiny import build_tiny_model, digit_reward, tiny_prompt_dataset
 
 SETTINGS = dict(bf16=False, per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=2,
                 learning_rate=1e-2, fipo_updates_per_generation=2, report_to="none", logging_steps=1,
@@ -168,7 +162,7 @@ def test_a_resume_with_changed_settings_warns_and_the_card_records_it(tiny_model
     trainer.create_model_card()
     card = (run / "README.md").read_text()
     assert "The run was resumed with other settings" in card and "at step 2:" in card
-    assert "fipo\\_decay\\_rate: 32.0 -&gt; 64.0" in card  # as Markdown text (fipo_trl.model_card.markdown_text)
+    assert "fipo\\_decay\\_rate: 32.0 -&gt; 64.0" in card  # as Markdown text (fipo_trl.tools.model_card.markdown_text)
 
 
 def test_a_resume_with_the_same_settings_says_nothing(tiny_model_path, finished_run, tmp_path):

@@ -9,8 +9,8 @@ from trl import GRPOTrainer
 
 import fipo_trl.trainer
 from fipo_trl import FIPOConfig, FIPOTrainer
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 from fipo_trl.kernels.naive import fipo_loss_naive
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 STRADDLING = dict(steps_per_generation=4, num_iterations=2, gradient_accumulation_steps=3)
 

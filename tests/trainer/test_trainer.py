@@ -13,9 +13,9 @@ from trl import GRPOConfig, GRPOTrainer
 
 import fipo_trl.trainer
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss, fipo_weights
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
 from fipo_trl.kernels import c_kernel_usable
-from fipo_trl.versions import trl_older_than
+from fipo_trl.safety.versions import trl_older_than
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 PAIRS = [(GRPOTrainer, GRPOConfig), (FIPOTrainer, FIPOConfig)]
 PAIR_IDS = ["grpo", "fipo"]

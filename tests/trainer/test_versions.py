@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trl
 
-import fipo_trl.versions as versions
+import fipo_trl.safety.versions as versions
 from fipo_trl import FIPOConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,15 +7,15 @@ from trainer_utils import config_kwargs, crafted_micro_batch
 from transformers import AutoTokenizer
 from trl import TrlParser
 
-import fipo_trl.config
+import fipo_trl.safety.machine
 from fipo_trl import FIPOConfig, FIPOTrainer, fipo_loss
-from fipo_trl._tiny import digit_reward, tiny_prompt_dataset
+from fipo_trl.tools.tiny import digit_reward, tiny_prompt_dataset
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])
 def test_vllm_options_pass_through(mode, tmp_path, monkeypatch):
-    monkeypatch.setattr(fipo_trl.config, "gpu_available", lambda args: True)  # FIPOConfig refuses vLLM on CPU
-    monkeypatch.setattr(fipo_trl.config, "vllm_installed", lambda: True)
+    monkeypatch.setattr(fipo_trl.safety.machine, "gpu_available", lambda args: True)  # FIPOConfig refuses vLLM on CPU
+    monkeypatch.setattr(fipo_trl.safety.machine, "vllm_installed", lambda: True)
     parser = TrlParser((FIPOConfig,))
     (args,) = parser.parse_args_and_config([
         "--output_dir", str(tmp_path), "--bf16", "False", "--use_vllm", "True", "--vllm_mode", mode,

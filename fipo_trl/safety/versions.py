@@ -20,7 +20,7 @@ CHECKED_PACKAGES = ("trl", "transformers", "accelerate", "peft", "datasets")
 def _requirement_lines() -> list[str]:
     """pyproject.toml's dependencies: read from the file in a source checkout (an editable install's metadata is a
     copy made at install time, which goes stale when the file changes), else from the installed package's metadata."""
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if pyproject.is_file():
         project = tomllib.loads(pyproject.read_text()).get("project", {})
         if project.get("name") == "fipo_trl":

@@ -12,7 +12,7 @@ import os
 
 from transformers import TrainerCallback
 
-from fipo_trl.model_card import CURVES_IMAGE
+from fipo_trl.tools.model_card import CURVES_IMAGE
 
 # (log key, panel title). Rewards and lengths are logged once per generation batch, the FIPO statistics per
 # logging step; DAPO runs have no fipo/ keys and are left out of those panels.
@@ -105,8 +105,8 @@ def plot_training_curves(runs: dict[str, list[list[dict]]], path: str, *, title:
 
 
 class TrainingCurvesCallback(TrainerCallback):
-    """Writes ``<output_dir>/training_curves.png`` (``fipo_trl.model_card.CURVES_IMAGE``, which the FIPO model card
-    links) before each checkpoint's model card is written and at the end of training.
+    """Writes ``<output_dir>/training_curves.png`` (``fipo_trl.tools.model_card.CURVES_IMAGE``, which the FIPO model
+    card links) before each checkpoint's model card is written and at the end of training.
 
         trainer.add_callback(TrainingCurvesCallback(label="FIPO"))
     """

@@ -198,6 +198,28 @@ def check_prompt_lengths(prompts, tokenizer, limit: int, max_completion_length: 
                 f"to at most {max(limit - n, 0)}.")
 
 
+def check_train_dataset(dataset, args) -> None:
+    """Fail before the model loads on a dataset TRL would only reject deep inside training, or train 0 steps on."""
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, list) and "prompt" not in columns:
+        raise ValueError(f"train_dataset has no 'prompt' column (its columns: {columns}). Fix: rename the column that "
+                         "holds the prompts, e.g. dataset.rename_column('question', 'prompt'), or in a recipe's "
+                         "`datasets:` entry select it with `columns:` after renaming it in the data.")
+    try:
+        size = len(dataset)
+    except TypeError:  # an IterableDataset (streaming): its size is unknown
+        return
+    needed = args.generation_batch_size // args.num_generations
+    if size < needed:
+        raise ValueError(
+            f"train_dataset has {size} prompts, but one generation batch takes {needed}: generation_batch_size "
+            f"{args.generation_batch_size} (per_device_train_batch_size {args.per_device_train_batch_size} x "
+            f"{args.world_size} processes x steps_per_generation {args.steps_per_generation}) / num_generations "
+            f"{args.num_generations}. Training would run 0 steps. Fix: add prompts, or lower "
+            "per_device_train_batch_size or fipo_updates_per_generation (steps_per_generation), or raise "
+            "num_generations.")
+
+
 def _model_config(model, args):
     """The model's config without loading its weights (None when it cannot be read: TRL reports that itself)."""
     if not isinstance(model, str):

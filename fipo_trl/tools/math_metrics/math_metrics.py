@@ -20,8 +20,8 @@ from numbers import Real
 import datasets
 import evaluate
 
-from fipo_trl.input_checks import is_int
 from fipo_trl.rewards import MathVerifier, extract_answer
+from fipo_trl.safety.inputs import is_int
 
 _CITATION = """\
 @article{chen2021codex,

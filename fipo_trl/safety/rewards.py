@@ -139,3 +139,30 @@ def checked_reward(func, name: str, timeout_seconds: float | None = None) -> Che
     """``func`` wrapped by :class:`CheckedReward`, or by :class:`CheckedAsyncReward` when it is async (TRL awaits
     those)."""
     return (CheckedAsyncReward if is_async_callable(func) else CheckedReward)(func, name, timeout_seconds)
+
+
+class CheckedRewardsMixin:
+    """Mix in before ``GRPOTrainer`` (FIPOTrainer does): every callable reward function runs as a
+    :class:`CheckedReward` under ``reward_func_timeout_seconds`` (reward models stay TRL's), and training stops with
+    an error if TRL ever scores completions without calling them, so the checks cannot silently stop running."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward_funcs = [func if isinstance(func, torch.nn.Module)
+                             else checked_reward(func, name, self.args.reward_func_timeout_seconds)
+                             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)]
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        from fipo_trl.safety.versions import supported_range
+
+        pairs = list(zip(self.reward_funcs, self.reward_func_names))
+        unchecked = [name for func, name in pairs if not isinstance(func, (CheckedReward, torch.nn.Module))]
+        calls = {name: func.calls for func, name in pairs if isinstance(func, CheckedReward)}
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        unchecked += [name for func, name in pairs if isinstance(func, CheckedReward) and func.calls == calls[name]]
+        if unchecked:
+            raise RuntimeError(f"FIPOTrainer's reward checks did not run for {unchecked}: this TRL version calls the "
+                               "reward functions some other way, so non-finite or malformed rewards and the time "
+                               f"limit would go unchecked. Install a TRL version fipo_trl supports "
+                               f"({supported_range('trl')}).")
+        return rewards_per_func

@@ -1,6 +1,6 @@
 """The ``math_metrics`` evaluate metric (avg@k, pass@k, cons@k with math-verify), shipped inside fipo_trl.
 
-    from fipo_trl.math_metrics import load_math_metric
+    from fipo_trl.tools.math_metrics import load_math_metric
     metric = load_math_metric()          # = evaluate.load("<this folder>"): works offline
     metric.compute(predictions=[["\\boxed{4}", "\\boxed{5}"]], references=["4"])
 """

@@ -2,7 +2,7 @@
 
 Generation uses vLLM when it is installed and a GPU is present (``--use_vllm`` forces it on or off), else
 transformers ``generate``. Scoring uses the ``math_metrics`` evaluate metric shipped in fipo_trl
-(``evaluate.load(fipo_trl.math_metrics.METRIC_PATH)``). Writes ``<output_dir>/eval_results.json`` (metrics, the
+(``evaluate.load(fipo_trl.tools.math_metrics.METRIC_PATH)``). Writes ``<output_dir>/eval_results.json`` (metrics, the
 ``eval_results`` mapping that ``FIPOTrainer.create_model_card(eval_results=...)`` takes, a ``model-index`` block for a
 model card, and every sample) and ``<output_dir>/eval_results.md`` (a markdown table).
 
@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from fipo_trl.data import (
+from fipo_trl.safety.data import (
     DATA_FILE_BUILDERS,
     check_data_file,
     check_dataset_source,
     data_file_builder,
     supported_files,
 )
-from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs, is_int
+from fipo_trl.safety.inputs import check_config_file, check_output_dir, checking_inputs, is_int
 
 # A tiny problem set in the tiny model's vocabulary, for the offline smoke run.
 BUILTIN_PROBLEMS = [
@@ -417,7 +417,7 @@ def model_index(model_name: str, dataset_name: str, split: str, metrics: dict[st
 
 
 def markdown_table(model_name: str, dataset_name: str, metrics: dict[str, float]) -> str:
-    from fipo_trl.model_card import markdown_text
+    from fipo_trl.tools.model_card import markdown_text
 
     names = list(metrics)
     model_name, dataset_name = markdown_text(model_name), markdown_text(dataset_name)  # a "|" cannot split a cell
@@ -431,7 +431,7 @@ def markdown_table(model_name: str, dataset_name: str, metrics: dict[str, float]
 
 
 def evaluate_math(args: EvalArguments) -> dict:
-    from fipo_trl.math_metrics import load_math_metric
+    from fipo_trl.tools.math_metrics import load_math_metric
 
     # Everything that can be wrong with the inputs is found here, before the model is loaded.
     with checking_inputs():
@@ -456,7 +456,7 @@ def evaluate_math(args: EvalArguments) -> dict:
                   f"{samples_path}")
         model_path = args.model_name_or_path
         if model_path is None:
-            from fipo_trl._tiny import build_tiny_model
+            from fipo_trl.tools.tiny import build_tiny_model
 
             model_path = str(build_tiny_model(output_dir / TINY_MODEL_DIR))
         generate, prompts = load_generator(model_path, problems, args, use_vllm)

@@ -15,7 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 from fipo_trl.kernels.common import weight_bounds
 
 CURVES_IMAGE = "training_curves.png"  # linked from the card when a run wrote it next to README.md
-INFLUENCE_PAGE = "fipo_influence/latest.html"  # written by fipo_trl.influence.TokenInfluenceCallback
+INFLUENCE_PAGE = "fipo_influence/latest.html"  # written by fipo_trl.tools.influence.TokenInfluenceCallback
 MAX_CURVE_ROWS = 12
 
 

@@ -3,7 +3,7 @@
     fipo-trl [train] [flags]         train (the default subcommand); `fipo-trl --help` lists every flag
     fipo-trl train --config examples/recipes/qwen2.5-1.5b-single-gpu.yaml
     fipo-trl eval --model_name_or_path outputs/my-run --k 16 ...       avg@k / pass@k / cons@k (`fipo-trl eval --help`)
-    accelerate launch --config_file <accelerate config> -m fipo_trl.cli train --config recipe.yaml
+    accelerate launch --config_file <accelerate config> -m fipo_trl.tools.cli train --config recipe.yaml
 
 With no model (no --model_name_or_path and no --config, or a recipe without one) ``train`` builds a tiny Llama locally
 (no download) and trains it on built-in arithmetic prompts: the embedded default, a CPU smoke run.
@@ -29,11 +29,13 @@ from trl import (
     get_quantization_config,
 )
 
-from fipo_trl.checkpoints import acquire_output_dir_lock, check_output_dir_before_load, release_output_dir_lock
-from fipo_trl.config import FIPOConfig, check_liger_machine, check_vllm_machine
-from fipo_trl.hub import warn_hub_failure
-from fipo_trl.input_checks import check_config_file, check_output_dir, checking_inputs, is_input_error
+from fipo_trl.config import FIPOConfig
 from fipo_trl.kernels.env import check_environment, show_traceback
+from fipo_trl.safety.hub import warn_hub_failure
+from fipo_trl.safety.inputs import check_config_file, check_output_dir, checking_inputs, is_input_error
+from fipo_trl.safety.lock import acquire_output_dir_lock, release_output_dir_lock
+from fipo_trl.safety.machine import check_liger_machine, check_vllm_machine
+from fipo_trl.safety.resume import check_output_dir_before_load
 
 # The embedded default when no model is named (no --model_name_or_path, no --config); flags still win.
 EMBEDDED_DEFAULTS = dict(
@@ -42,7 +44,7 @@ EMBEDDED_DEFAULTS = dict(
     report_to="none", gradient_checkpointing=False, seed=0, disable_tqdm=False, fipo_updates_per_generation=4,
     overwrite_output_dir=True,  # the quick start reruns as it is: the last run's checkpoints move to previous-run-N/
 )
-TOY_REWARD = "fipo_trl._tiny.digit_reward"
+TOY_REWARD = "fipo_trl.tools.tiny.digit_reward"
 
 
 @dataclass
@@ -194,8 +196,8 @@ def parse_train_args(argv: list[str]):
 
 def _check_local_data_files(data_files, flag: str) -> None:
     """Check the local files among ``data_files`` (a path, a list, or a {split: path(s)} dict) before datasets reads
-    them (fipo_trl.data.check_data_file); Hub paths and globs are datasets' to resolve."""
-    from fipo_trl.data import check_data_file
+    them (fipo_trl.safety.data.check_data_file); Hub paths and globs are datasets' to resolve."""
+    from fipo_trl.safety.data import check_data_file
 
     values = data_files.values() if isinstance(data_files, dict) else [data_files]
     for value in values:
@@ -216,7 +218,7 @@ def load_training_data(script_args, dataset_args, embedded: bool):
     --data_files), the embedded tiny task. Every failure is a ValueError naming the flag."""
     from datasets import load_dataset
 
-    from fipo_trl.data import check_data_file, check_dataset_source, data_file_builder, supported_files
+    from fipo_trl.safety.data import check_data_file, check_dataset_source, data_file_builder, supported_files
 
     split = script_args.dataset_train_split
     if dataset_args.datasets:  # a mixture (--config with `datasets:`) wins over --dataset_name, as in `trl grpo`
@@ -248,7 +250,7 @@ def load_training_data(script_args, dataset_args, embedded: bool):
         dataset = load_dataset(builder, name=script_args.dataset_config, data_files=data_files,
                                streaming=script_args.dataset_streaming)
     elif embedded:
-        from fipo_trl._tiny import tiny_prompt_dataset
+        from fipo_trl.tools.tiny import tiny_prompt_dataset
 
         return {split: tiny_prompt_dataset(64)}, None
     else:
@@ -262,7 +264,7 @@ def load_training_data(script_args, dataset_args, embedded: bool):
 
 def train(argv: list[str]):
     """Train with FIPO; returns the trainer."""
-    from fipo_trl.callbacks import PrintFIPOMetricsCallback
+    from fipo_trl.tools.callbacks import PrintFIPOMetricsCallback
     from fipo_trl.trainer import FIPOTrainer
 
     with checking_inputs():  # every flag and the data are checked here, before anything loads
@@ -282,7 +284,7 @@ def train(argv: list[str]):
         if training_args.process_index == 0:  # the run's lock, last: no bad input leaves a folder or a held lock
             acquire_output_dir_lock(training_args.output_dir)
     if embedded:
-        from fipo_trl._tiny import build_tiny_model
+        from fipo_trl.tools.tiny import build_tiny_model
 
         # "_" keeps it out of every Hub upload of output_dir (transformers ignores "_*" there)
         model_args.model_name_or_path = str(build_tiny_model(f"{training_args.output_dir}/_base-model"))
@@ -298,7 +300,7 @@ def train(argv: list[str]):
 
     callbacks = [PrintFIPOMetricsCallback()]
     if importlib.util.find_spec("matplotlib") is not None:  # the card's curves plot (training_curves.png)
-        from fipo_trl.plots import TrainingCurvesCallback
+        from fipo_trl.tools.plots import TrainingCurvesCallback
 
         callbacks.append(TrainingCurvesCallback())
     trainer = FIPOTrainer(
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         with checking_inputs():
             check_environment()  # a bad FIPO_TRL_* value fails here, before anything loads
         if argv and argv[0] == "eval":
-            from fipo_trl.evaluation import main as evaluate_main
+            from fipo_trl.tools.evaluation import main as evaluate_main
 
             evaluate_main(argv[1:])
         else:

@@ -1,0 +1,199 @@
+"""What a complete checkpoint is: the one question every resume, eval and rotation decision asks.
+
+transformers writes ``checkpoint-<step>`` file by file (weights, optimizer, scheduler, RNG state, trainer_state.json
+last). A SIGKILL or a full disk in between leaves a partial folder that ``get_last_checkpoint`` still returns.
+``checkpoint_problems`` says why a folder cannot be resumed from (an empty list: complete): the save-in-progress
+marker that ``saving.py`` drops next to each folder, then the files themselves, including a cheap truncation check
+of safetensors and torch zip files, for folders saved by older versions or other tools. A finished
+``save_only_model`` save is complete as a model, not partial (``MODEL_ONLY``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # the pattern of transformers.trainer_utils.get_last_checkpoint
+MARKER_PREFIX = "_saving_"  # "_*" files are left out of transformers' Hub uploads of output_dir
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    match = CHECKPOINT_RE.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def saving_marker(folder: str | os.PathLike) -> Path:
+    """The file that exists while ``folder`` is being saved (a sibling, so it never lands in the checkpoint)."""
+    folder = Path(folder)
+    return folder.parent / f"{MARKER_PREFIX}{folder.name}"
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (None: fine). The header lists every tensor's byte range, so a file cut
+    short by a kill or a full disk is caught without reading the tensors."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > size:
+                return f"{path.name} is truncated"
+            header = json.loads(f.read(header_size))
+        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return f"{path.name} is unreadable (truncated?)"
+    expected = 8 + header_size + end
+    return None if size == expected else f"{path.name} is truncated ({size} of {expected} bytes)"
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Why a torch.save file is unusable. torch writes a zip whose directory sits at the end of the file: a cut-off
+    file has none. (A legacy pickle file can only be checked for being non-empty.)"""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as error:
+        return f"{path.name} is unreadable ({error})"
+    if not head:
+        return f"{path.name} is empty"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"{path.name} is truncated"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    return _safetensors_problem(path) if path.suffix == ".safetensors" else _torch_file_problem(path)
+
+
+def _weights_problems(folder: Path) -> list[str]:
+    problems, found = [], False
+    for name in ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            found = True
+            if problem := _file_problem(folder / name):
+                problems.append(problem)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        found = True
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            problems.append(f"{index_name} is unreadable (truncated?)")
+            continue
+        for shard in shards:
+            shard_path = folder / shard
+            problem = _file_problem(shard_path) if shard_path.is_file() else f"shard {shard} is missing"
+            if problem:
+                problems.append(problem)
+    # Formats transformers also resumes from, checked for presence only: LoRA adapters in sub-folders, FSDP
+    # (pytorch_model_fsdp*), DeepSpeed (global_step*, which holds the model and optimizer states).
+    adapter_names = ("adapter_model.safetensors", "adapter_model.bin")
+    for entry in folder.iterdir():
+        if entry.name.startswith(("pytorch_model_fsdp", "global_step")) or (
+                entry.is_dir() and any((entry / name).is_file() for name in adapter_names)):
+            found = True
+    return problems if found else problems + ["no model weights (model.safetensors, a sharded index, "
+                                              "adapter_model.safetensors, FSDP or DeepSpeed states)"]
+
+
+def _training_state_problems(folder: Path) -> list[str]:
+    """Optimizer, scheduler and RNG state: what makes a resumed run continue the interrupted one."""
+    problems = []
+    deepspeed = any(folder.glob("global_step*"))  # DeepSpeed keeps optimizer (and its scheduler) in there
+    # Other layouts: FSDP (optimizer.bin, optimizer_0/), XLA FSDP (rank*-of-*-optimizer.pt)
+    other_optimizers = [*folder.glob("optimizer*"), *folder.glob("rank*-of-*-optimizer.pt")]
+    if (folder / "optimizer.pt").is_file():
+        if problem := _torch_file_problem(folder / "optimizer.pt"):
+            problems.append(problem)
+    elif not other_optimizers and not deepspeed:
+        problems.append("optimizer.pt is missing")
+    if (folder / "scheduler.pt").is_file():
+        if problem := _torch_file_problem(folder / "scheduler.pt"):
+            problems.append(problem)
+    elif not deepspeed:
+        problems.append("scheduler.pt is missing")
+    rng_files = sorted(folder.glob("rng_state*.pth"))
+    if not rng_files:
+        problems.append("rng_state.pth is missing")
+    problems += [p for p in map(_torch_file_problem, rng_files) if p]
+    return problems
+
+
+MODEL_ONLY = ("saved with save_only_model=True: model weights and trainer state only, no optimizer, scheduler or "
+              "RNG state")
+
+
+def _has_training_state_files(folder: Path) -> bool:
+    patterns = ("optimizer*", "scheduler.pt", "rng_state*.pth", "rank*-of-*-optimizer.pt", "global_step*")
+    return any(any(folder.glob(pattern)) for pattern in patterns)
+
+
+def is_model_only(problems: list[str]) -> bool:
+    """Whether ``checkpoint_problems`` found a complete ``save_only_model`` checkpoint (not a partial one)."""
+    return problems == [MODEL_ONLY]
+
+
+def checkpoint_problems(folder: str | os.PathLike, training_state: bool = True) -> list[str]:
+    """Why ``folder`` cannot be resumed from; an empty list means it is complete.
+
+    Complete: no save-in-progress marker; trainer_state.json present and parseable (and every other JSON file
+    parseable); model weights present and not
+    truncated (model.safetensors, a sharded index with all its shards, adapter_model.safetensors for LoRA, or FSDP /
+    DeepSpeed states); and, unless ``training_state`` is False (``save_only_model``), optimizer.pt, scheduler.pt and
+    the RNG state(s), none truncated.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    if saving_marker(folder).exists():
+        problems.append(f"its save never finished ({saving_marker(folder).name} is still there)")
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            problems.append("trainer_state.json has no global_step")
+    except FileNotFoundError:
+        problems.append("trainer_state.json is missing")
+    except (OSError, ValueError):
+        problems.append("trainer_state.json is unreadable (truncated?)")
+    for other in sorted(folder.glob("*.json")):  # config, tokenizer, TRL / fipo_trl states: cut-off JSON is caught
+        if other.name != "trainer_state.json" and not other.name.endswith(".index.json"):
+            try:
+                json.loads(other.read_text())
+            except (OSError, ValueError):
+                problems.append(f"{other.name} is unreadable (truncated?)")
+    problems += _weights_problems(folder)
+    if training_state:
+        if not problems and not _has_training_state_files(folder):
+            # transformers writes trainer_state.json last: a finished save without any of these is model-only
+            return [MODEL_ONLY]
+        problems += _training_state_problems(folder)
+    return problems
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-<step>`` folders in ``folder``, oldest (lowest step) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if checkpoint_step(p) is not None and p.is_dir()]
+    return sorted(found, key=checkpoint_step)
+
+
+def newest_complete_checkpoint(folder, training_state: bool = True, below_step: int | None = None):
+    """(newest complete checkpoint in ``folder`` or None, [(partial checkpoint, its problems)] newer than it)."""
+    skipped = []
+    for checkpoint in reversed(list_checkpoints(folder)):
+        if below_step is not None and checkpoint_step(checkpoint) >= below_step:
+            continue
+        problems = checkpoint_problems(checkpoint, training_state)
+        if not problems:
+            return checkpoint, skipped
+        skipped.append((checkpoint, problems))
+    return None, skipped
+
