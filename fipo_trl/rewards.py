@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import select
 import subprocess
@@ -169,7 +170,7 @@ def _as_text(value, what: str) -> str | None:
         return None
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8", errors="replace")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's numbers too
         value = str(value)
     if not isinstance(value, str):
         raise TypeError(f"{what} is a {type(value).__name__}; expected a string (or bytes, a number, or None for "

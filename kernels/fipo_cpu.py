@@ -51,6 +51,7 @@ import torch
 
 from . import env
 from .common import (
+    DEFAULTS,
     IDENTITY,
     LOG_RATIO_CLAMP,
     N_STATS,
@@ -324,6 +325,7 @@ def _load(command: list[str], identity: str, timeout: float) -> ctypes.CDLL | No
     header = contract_header()
     source = SOURCE.read_bytes() + header.encode()
     directory, dir_fd, note = _open_cache()
+    rejected = ""
     try:
         for flags in (BASE_FLAGS + ("-fopenmp-simd",), BASE_FLAGS):  # OpenMP's simd pragmas, if the compiler has them
             key_data = repr((command, flags, platform.machine(), identity)).encode()
@@ -352,14 +354,50 @@ def _load(command: list[str], identity: str, timeout: float) -> ctypes.CDLL | No
                 [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                 + [ctypes.c_double] * 9 + [ctypes.c_void_p] * 8
             )
+            wrong = _self_check_problem(library)
+            if wrong is not None:
+                rejected = (f"{directory / name}, built with {shlex.join(command)} {' '.join(flags)}, computes "
+                            f"{wrong}: its floating point is not IEEE (flags such as -ffast-math or -Ofast in CC "
+                            "break the kernel). Fix: drop them from CC")
+                logger.debug("fipo_trl: not using %s", rejected)
+                continue
             _status = f"built with {shlex.join(command)} {' '.join(flags)} at {directory / name} ({how}){note}"
             return library
     finally:
         os.close(dir_fd)
         if note:
             shutil.rmtree(directory, ignore_errors=True)  # what was loaded stays mapped
-    _status = (f"compiling {SOURCE.name} with {shlex.join(command)} failed (see the debug log of {__name__})"
-               + note)
+    _status = (rejected if rejected else
+               f"compiling {SOURCE.name} with {shlex.join(command)} failed (see the debug log of {__name__})") + note
+    return None
+
+
+# The self-check's tolerance against the float64 reference. An IEEE build agrees to ~1e-6 on this batch (float32
+# sums of a few hundred terms); the -ffast-math build that prompted the check was 5e-3 off in the loss.
+SELF_CHECK_RTOL, SELF_CHECK_ATOL = 1e-4, 1e-5
+
+
+def _self_check_problem(library: ctypes.CDLL) -> str | None:
+    """What a freshly loaded library gets wrong on a fixed batch (None: nothing), against the torch path in float64.
+    A compiler flag in CC can change the arithmetic itself (-ffast-math reassociates sums, assumes no inf/NaN), which
+    no hash or cache check sees: the numbers are checked before the library is used."""
+    from .fipo_torch import compute_torch
+
+    generator = torch.Generator().manual_seed(0)
+    rows, tokens = 4, 2 * CHUNK_SIZE + 37  # crosses the kernel's chunks
+    old = -3 * torch.rand(rows, tokens, generator=generator)
+    logps = old + 0.3 * torch.randn(rows, tokens, generator=generator)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    mask = torch.ones(rows, tokens, dtype=torch.bool)
+    mask[1, -50:] = False
+    with torch.no_grad():
+        got = _forward(library, logps, old, advantages, mask, DEFAULTS, with_loss=True)
+        want = compute_torch(logps.double(), old.double(), advantages.double(), mask, DEFAULTS)
+    for name in ("weights", "future_kl", "loss"):
+        a, b = getattr(got, name).double(), getattr(want, name).double()
+        if not torch.allclose(a, b, rtol=SELF_CHECK_RTOL, atol=SELF_CHECK_ATOL):
+            return (f"other numbers than the IEEE reference ({name} off by up to "
+                    f"{(a - b).abs().max().item():.3g})")
     return None
 
 
@@ -425,6 +463,11 @@ def compute_c(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     if logps.dtype == torch.float64:
         raise TypeError("fipo_trl: the fused C kernel computes in float32; float64 inputs (the reference dtype) "
                         "go through backend='torch'.")
+    return _forward(library, logps, old_logps, advantages, mask, hyperparameters, with_loss)
+
+
+def _forward(library: ctypes.CDLL, logps, old_logps, advantages, mask, hyperparameters: Hyperparameters,
+             with_loss: bool) -> FIPOResult:
     needs_grad = needs_gradient(logps, with_loss)
     B, T = logps.shape
     mask = mask if mask.dtype == torch.bool else mask != 0

@@ -17,6 +17,8 @@ import struct
 import zipfile
 from pathlib import Path
 
+from fipo_trl.safety.run_settings import RUN_SETTINGS_FILE
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # the pattern of transformers.trainer_utils.get_last_checkpoint
 MARKER_PREFIX = "_saving_"  # "_*" files are left out of transformers' Hub uploads of output_dir
 
@@ -162,7 +164,9 @@ def checkpoint_problems(folder: str | os.PathLike, training_state: bool = True) 
     except (OSError, ValueError):
         problems.append("trainer_state.json is unreadable (truncated?)")
     for other in sorted(folder.glob("*.json")):  # config, tokenizer, TRL / fipo_trl states: cut-off JSON is caught
-        if other.name != "trainer_state.json" and not other.name.endswith(".index.json"):
+        # the settings record is fipo_trl's note about the run, not state to resume: unreadable means "settings
+        # unknown" (a warning at resume), never a partial checkpoint
+        if other.name not in ("trainer_state.json", RUN_SETTINGS_FILE) and not other.name.endswith(".index.json"):
             try:
                 json.loads(other.read_text())
             except (OSError, ValueError):

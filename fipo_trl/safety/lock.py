@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 import warnings
 from contextlib import contextmanager
@@ -11,6 +12,31 @@ from pathlib import Path
 
 LOCK_FILE = "_fipo_trl_run.lock"  # "_*": left out of Hub uploads of output_dir
 _held_locks: dict[str, list] = {}  # real path of output_dir -> [open lock file, holders in this process]
+
+
+def _open_lock_file(path: Path, output_dir):
+    """Open (or create) the lock file for reading and writing, held open for the whole run. It never follows a
+    symbolic link (O_NOFOLLOW), and refuses anything but a plain file of its own (not a FIFO or device, not a hard
+    link shared with another file): the pid line is written into it, so it must be a file no one else owns."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if path.is_symlink():
+            raise ValueError(
+                f"output_dir {str(output_dir)!r}: the run's lock file {path} is a symbolic link (to "
+                f"{os.readlink(path)!r}). fipo_trl never writes through a link, which would overwrite the file it "
+                f"points to. Fix: remove the link (rm {path}), or pass another --output_dir.") from None
+        raise ValueError(f"output_dir {str(output_dir)!r}: cannot create the run's lock file {path} ({error}). "
+                         "Fix: pass a folder you can write to as --output_dir.") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"a hard link ({info.st_nlink} names)"
+        raise ValueError(
+            f"output_dir {str(output_dir)!r}: the run's lock file {path} is {what}; fipo_trl writes its pid line "
+            f"into that file, so it must be a plain file of its own. Fix: remove it (rm {path}), or pass another "
+            "--output_dir.")
+    return os.fdopen(fd, "r+")
 
 
 def acquire_output_dir_lock(output_dir) -> None:
@@ -34,11 +60,7 @@ def acquire_output_dir_lock(output_dir) -> None:
         return
     path = folder / LOCK_FILE
     while True:
-        try:
-            handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
-        except OSError as error:
-            raise ValueError(f"output_dir {str(output_dir)!r}: cannot create the run's lock file {path} ({error}). "
-                             "Fix: pass a folder you can write to as --output_dir.") from None
+        handle = _open_lock_file(path, output_dir)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

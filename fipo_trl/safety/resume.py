@@ -33,6 +33,7 @@ from fipo_trl.safety.run_settings import (
     compare_run_settings,
     read_run_settings,
     run_settings,
+    run_settings_problem,
 )
 
 SET_ASIDE_PREFIX = "incomplete-"  # not "checkpoint-*": invisible to get_last_checkpoint and rotation
@@ -157,9 +158,15 @@ def prepare_resume(trainer, resume):
                 messages += check_fresh_output_dir(args.output_dir, getattr(args, "overwrite_output_dir", False))
             else:
                 check_resume_before_load(checkpoint, args, trainer.accelerator.unwrap_model(trainer.model).config)
-                state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-                step = state["global_step"]
+                step = checkpoint_global_step(checkpoint)
+                messages += check_resume_target(checkpoint, step, args, getattr(args, "overwrite_output_dir", False),
+                                                training_state)
                 saved = read_run_settings(checkpoint)
+                if saved is None:
+                    messages.append(
+                        f"resume_from_checkpoint: {run_settings_problem(checkpoint)} in {checkpoint}, so the settings "
+                        "it was trained with are unknown and changes to them (fipo_* settings, learning_rate, batch "
+                        "geometry, ...) cannot be checked. The run continues with the settings given now.")
                 trainer._fipo_resume_history = list((saved or {}).get("resumed", []))
                 changes = compare_run_settings(saved, run_settings(trainer))
                 if changes:
@@ -185,6 +192,58 @@ def prepare_resume(trainer, resume):
 
 
 
+def move_aside(output_dir, checkpoints: list[Path]) -> Path:
+    """Move ``checkpoints`` to a new ``previous-run-<n>/`` in output_dir (kept, never deleted); returns it."""
+    n = 1
+    while (Path(output_dir) / f"previous-run-{n}").exists():
+        n += 1
+    target = Path(output_dir) / f"previous-run-{n}"
+    target.mkdir()
+    for checkpoint in checkpoints:
+        checkpoint.rename(target / checkpoint.name)
+        saving_marker(checkpoint).unlink(missing_ok=True)
+    return target
+
+
+def checkpoint_global_step(checkpoint) -> int:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+
+
+def check_resume_target(checkpoint, step: int, args, overwrite: bool = False,
+                        training_state: bool = True) -> list[str]:
+    """What a resume from ``checkpoint`` (at ``step``) would do to output_dir, checked before it trains. Its saves
+    (checkpoint-<step + k>) would overwrite the newer complete checkpoints there, of this run (branching from an older
+    step) or of another (an older run's checkpoint resumed into a newer run's output_dir): refused with the fixes,
+    or with ``overwrite`` moved to ``previous-run-<n>/`` and said. A max_steps below the step leaves nothing to
+    train and would only rewrite the final model: refused."""
+    if isinstance(args.max_steps, int) and 0 < args.max_steps < step:
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} is at step {step}, past max_steps = {args.max_steps}: there is "
+            "nothing left to train, and the run would only rewrite the final model and the model card. Fix: raise "
+            f"--max_steps above {step} to train further, or drop --resume_from_checkpoint.")
+    resumed = Path(checkpoint).resolve()
+    newer = []
+    for folder in list_checkpoints(args.output_dir):
+        if checkpoint_step(folder) <= step or folder.resolve() == resumed:
+            continue
+        problems = checkpoint_problems(folder, training_state)
+        if not problems or is_model_only(problems):  # partial ones are set aside (set_aside_incomplete)
+            newer.append(folder)
+    if not newer:
+        return []
+    names = ", ".join(p.name for p in newer)
+    if not overwrite:
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} is at step {step}, but output_dir {str(args.output_dir)!r} holds "
+            f"newer complete checkpoints ({names}); the resumed run's saves would overwrite them. Fix: resume from "
+            "the newest with --resume_from_checkpoint true, or branch from this one with --overwrite_output_dir true "
+            "(the newer checkpoints are moved to previous-run-<n>/ in output_dir, not deleted), or pass a new "
+            "--output_dir.")
+    target = move_aside(args.output_dir, newer)
+    return [f"overwrite_output_dir: resuming from step {step}, moved the newer checkpoint(s) {names} to {target} "
+            "(kept, out of this run's way). Delete that folder once you no longer need it."]
+
+
 def check_fresh_output_dir(output_dir, overwrite: bool = False) -> list[str]:
     """A run that does not resume must not save into an output_dir that holds another run's checkpoints: its
     checkpoint-2 would overwrite theirs, and a later resume would continue the old run from its newer steps. Raise
@@ -200,14 +259,7 @@ def check_fresh_output_dir(output_dir, overwrite: bool = False) -> list[str]:
             "resume: its saves would overwrite them and mix two runs. Fix: pass --resume_from_checkpoint true to "
             "continue that run, or --overwrite_output_dir true to start over (the old checkpoints are moved to "
             "previous-run-<n>/ in it, not deleted), or pass a new --output_dir.")
-    n = 1
-    while (Path(output_dir) / f"previous-run-{n}").exists():
-        n += 1
-    target = Path(output_dir) / f"previous-run-{n}"
-    target.mkdir()
-    for checkpoint in old:
-        checkpoint.rename(target / checkpoint.name)
-        saving_marker(checkpoint).unlink(missing_ok=True)
+    target = move_aside(output_dir, old)
     return [f"overwrite_output_dir: moved the {len(old)} checkpoint(s) of the earlier run in {output_dir} to {target} "
             "(kept, out of this run's way). Delete that folder once you no longer need it."]
 
@@ -233,6 +285,8 @@ def check_output_dir_before_load(args, model_name_or_path: str | None = None) ->
             check_fresh_output_dir(args.output_dir)
     else:
         checkpoint, _ = resolve_resume(resume, args.output_dir, not args.save_only_model)
+        if not getattr(args, "overwrite_output_dir", False):  # with it, train() moves the newer checkpoints
+            check_resume_target(checkpoint, checkpoint_global_step(checkpoint), args, False, not args.save_only_model)
         config = None
         if model_name_or_path is not None:
             from transformers import AutoConfig

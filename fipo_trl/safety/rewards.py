@@ -11,6 +11,7 @@ completion. What TRL receives are the checked rewards: floats, and None for "no 
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import inspect
 import math
@@ -22,6 +23,9 @@ from collections.abc import Iterable
 import numpy
 import torch
 
+# TRL computes each group's mean and std in float32: beyond ~1.8e19 a squared deviation overflows (float32's max is
+# 3.4e38) and every advantage of the group becomes 0 or NaN. 1e18 leaves room for groups of hundreds.
+MAX_REWARD = 1e18
 MAX_TIMEOUT_SECONDS = 24 * 3600.0  # a day: a longer limit is a mistake (and overflows the thread and asyncio waits)
 
 
@@ -46,15 +50,19 @@ class CheckedReward:
 
     def __call__(self, **kwargs) -> list[float | None]:
         self.calls += 1
+        private = private_copies(kwargs)  # what the function gets; the checks read the originals
         if self.timeout_seconds is None:
-            return self.checked(self.func(**kwargs), kwargs)
+            try:
+                return self.checked(self.func(**private), kwargs)
+            except SystemExit as error:
+                raise self.exit_error(error) from None
         # In a daemon thread, so that a call that never returns can be abandoned (a thread cannot be killed).
         outcome, grad_enabled = {}, torch.is_grad_enabled()
 
         def run():
             try:
                 with torch.set_grad_enabled(grad_enabled):  # the caller's mode (a new thread starts with grad on)
-                    outcome["rewards"] = self.func(**kwargs)
+                    outcome["rewards"] = self.func(**private)
             except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
                 outcome["error"] = error
 
@@ -63,9 +71,19 @@ class CheckedReward:
         worker.join(self.timeout_seconds)
         if worker.is_alive():
             raise TimeoutError(self._timeout_message(kwargs))
+        if isinstance(outcome.get("error"), SystemExit):
+            raise self.exit_error(outcome["error"])
         if "error" in outcome:
             raise outcome["error"]
         return self.checked(outcome["rewards"], kwargs)
+
+    def exit_error(self, error: SystemExit) -> RuntimeError:
+        """A reward function that ended the process (sys.exit) would end training with that exit status, 0 even,
+        and no word: an error naming the function instead."""
+        return RuntimeError(f"reward function {self.__name__!r} called sys.exit({error.code!r}): a reward function "
+                            "must return its rewards, never end the process. Training stops here; the checkpoints "
+                            "saved so far are intact. Fix: raise an exception in it, or return None for a "
+                            "completion it cannot score.")
 
     def _timeout_message(self, kwargs) -> str:
         return (f"reward function {self.__name__!r} did not return within reward_func_timeout_seconds = "
@@ -96,13 +114,29 @@ class CheckedReward:
                 raise TypeError(f"reward function {name!r} returned {value!r:.80} (a {type(value).__name__}) for "
                                 f"{where}: each reward must be a number, or None to leave the completion out of this "
                                 "reward. Fix: return float(...).")
-            if value is not None and not math.isfinite(value):
+            try:
+                number = None if value is None else float(value)
+            except OverflowError:
+                raise ValueError(f"reward function {name!r} returned {value!r:.40} for {where}, a number too large "
+                                 f"for a float. Rewards must be within +-{MAX_REWARD:g}. Fix: scale the "
+                                 "reward down.") from None
+            if number is not None and math.isfinite(number) and abs(number) > MAX_REWARD:
+                raise ValueError(f"reward function {name!r} returned {number:g} for {where}: rewards must be within "
+                                 f"+-{MAX_REWARD:g} (TRL computes each group's advantages in float32, where larger "
+                                 "rewards overflow and make every advantage 0 or NaN). Fix: scale the reward down.")
+            if number is not None and not math.isfinite(number):
                 raise ValueError(f"reward function {name!r} returned {value} for {where}: rewards must be finite "
                                  "(an infinite reward makes the advantages of its group 0 or NaN: the run trains "
                                  "on nothing). Fix: return a finite number, or None to leave the completion out of "
                                  "this reward.")
-            rewards.append(None if value is None else float(value))
+            rewards.append(number)
         return rewards
+
+
+def private_copies(kwargs: dict) -> dict:
+    """Each reward function gets its own copy of the per-completion lists (prompts, completions, ids, dataset
+    columns): one that edits them in place cannot change what the next function scores."""
+    return {key: copy.deepcopy(value) if isinstance(value, list) else value for key, value in kwargs.items()}
 
 
 def is_async_callable(func) -> bool:
@@ -114,7 +148,7 @@ def is_async_callable(func) -> bool:
 
 
 class CheckedAsyncReward(CheckedReward):
-    """An async reward function, checked; TRL awaits it on its event loop, and the time limit is asyncio's."""
+    """An async reward function, checked; TRL awaits it on its event loop (under a time limit, on one of its own)."""
 
     def __init__(self, func, name: str, timeout_seconds: float | None = None):
         super().__init__(func, name, timeout_seconds)
@@ -122,17 +156,39 @@ class CheckedAsyncReward(CheckedReward):
         # callable instance unless it looks like a function: these attributes make it read as the async __call__.
         self.__code__, self.__defaults__, self.__kwdefaults__ = type(self).__call__.__code__, None, None
         self.__annotations__ = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, **kwargs) -> list[float | None]:
         self.calls += 1
+        private = private_copies(kwargs)  # what the function gets; the checks read the originals
+
+        async def call():  # SystemExit becomes the error inside the task: asyncio would let it stop the loop
+            try:
+                return await self.func(**private)
+            except SystemExit as error:
+                raise self.exit_error(error) from None
+
+        if self.timeout_seconds is None:
+            return self.checked(await call(), kwargs)
         start = time.monotonic()
+        running = asyncio.run_coroutine_threadsafe(call(), self._own_loop())
         try:
-            output = await asyncio.wait_for(self.func(**kwargs), self.timeout_seconds)  # None: no limit
+            output = await asyncio.wait_for(asyncio.wrap_future(running), self.timeout_seconds)
         except TimeoutError:
-            if self.timeout_seconds is None or time.monotonic() - start < self.timeout_seconds:
+            if time.monotonic() - start < self.timeout_seconds:
                 raise  # the function's own timeout, not ours
             raise TimeoutError(self._timeout_message(kwargs)) from None
         return self.checked(output, kwargs)
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
+        """Under a time limit the function runs on an event loop of its own, in a daemon thread: a coroutine that
+        blocks its loop (time.sleep, a blocking socket) would block TRL's loop too, where no timer could fire. The
+        loop lives as long as this wrapper, so state bound to it (a client session) carries over between calls."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name=f"reward function {self.__name__}",
+                             daemon=True).start()
+        return self._loop
 
 
 def checked_reward(func, name: str, timeout_seconds: float | None = None) -> CheckedReward:

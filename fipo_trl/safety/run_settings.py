@@ -50,11 +50,31 @@ def run_settings(trainer) -> dict:
     return cached
 
 
-def read_run_settings(checkpoint) -> dict | None:
+def run_settings_problem(checkpoint) -> str | None:
+    """Why the checkpoint's settings record cannot be read (None: it can): missing (a checkpoint from before fipo_trl
+    recorded them, or of another tool, or deleted), not JSON, or not the record's shape (hand-edited)."""
+    path = Path(checkpoint) / RUN_SETTINGS_FILE
     try:
-        return json.loads((Path(checkpoint) / RUN_SETTINGS_FILE).read_text())
-    except (OSError, ValueError):
-        return None  # a checkpoint from before fipo_trl recorded them, or of another tool
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return f"it has no {RUN_SETTINGS_FILE}"
+    except (OSError, ValueError) as error:
+        return f"its {RUN_SETTINGS_FILE} is unreadable ({type(error).__name__})"
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        return f"its {RUN_SETTINGS_FILE} is not a settings record (no 'settings' mapping)"
+    return None
+
+
+def read_run_settings(checkpoint) -> dict | None:
+    """The checkpoint's settings record, or None when it cannot be read (``run_settings_problem`` says why). Parts
+    of another shape (a hand edit) are dropped: they cannot be compared."""
+    if run_settings_problem(checkpoint) is not None:
+        return None
+    record = json.loads((Path(checkpoint) / RUN_SETTINGS_FILE).read_text())
+    return {"settings": record["settings"],
+            "dataset": record.get("dataset") if isinstance(record.get("dataset"), dict) else None,
+            "resumed": [entry for entry in record.get("resumed") or [] if isinstance(entry, dict)]
+            if isinstance(record.get("resumed"), list) else []}
 
 
 def check_architecture(checkpoint, model_config, model_name: str = "the model") -> None:

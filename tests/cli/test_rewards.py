@@ -45,6 +45,13 @@ def test_reference_columns_and_conversational_completions(reward):
         reward(["\\boxed{2}"])
 
 
+def test_numpy_numbers_are_accepted_as_answers_as_the_message_says(reward):
+    import numpy as np
+
+    assert reward(["\\boxed{3}", "\\boxed{2.5}"], answer=[np.int64(3), np.float32(2.5)]) == [1.0, 1.0]
+    assert reward(["\\boxed{3}"], answer=[np.int32(4)]) == [-1.0]
+
+
 @pytest.mark.parametrize("answer", [
     "10^{10^{10}}",  # a huge number, as LaTeX
     "10**10**10",  # ... and as Python text (never evaluated)

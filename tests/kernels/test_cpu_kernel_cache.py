@@ -284,6 +284,15 @@ def test_cc_with_arguments_builds(tmp_path, cc):
     assert report["usable"] and report["matches_torch"] and report["status"].startswith(f"built with {expected} -O3")
 
 
+def test_a_build_whose_arithmetic_is_not_ieee_is_refused_by_its_self_check(tmp_path):
+    # -ffast-math reassociates sums and assumes no inf/NaN: the library builds, loads and hashes fine, but computes
+    # other numbers. The self-check against the float64 torch path refuses it; fipo_loss falls back to torch.
+    report, _, _ = probe(tmp_path / "cache", env={"CC": f"{COMPILER} -ffast-math -O3"})
+    assert not report["usable"], report
+    assert "computes other numbers than the IEEE reference" in report["status"]
+    assert "-ffast-math" in report["status"] and "Fix: drop them from CC" in report["status"]
+
+
 @pytest.mark.parametrize(("cc", "status"), [
     pytest.param("nosuch-fipo-cc gcc", "no C compiler found: CC='nosuch-fipo-cc gcc': 'nosuch-fipo-cc' not found",
                  id="missing program"),

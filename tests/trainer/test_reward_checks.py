@@ -156,3 +156,83 @@ def test_an_infinite_reward_stops_training_instead_of_training_at_loss_0(trainer
     with pytest.raises(ValueError, match="reward function 'reward' returned inf for completion 0"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+# --- Round 3 (docs/reliability.md) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrap", [lambda f: f, async_version], ids=["sync", "async"])
+@pytest.mark.parametrize(("value", "match"), [
+    (10**400, r"returned 1000000000000000000000000000000000000000 for completion 2 .*too large for a float"),
+    (1e308, r"returned 1e\+308 for completion 2 .*within \+-1e\+18"),
+    (-1e20, r"returned -1e\+20 for completion 2 .*within \+-1e\+18"),
+])
+def test_a_reward_too_large_for_float32_advantages_names_the_function(trainer_with, wrap, value, match):
+    func = wrap(one_bad(value))
+    func.__name__ = "odd_reward"
+    with pytest.raises(ValueError, match=f"reward function 'odd_reward' {match}"):
+        rewards_of(trainer_with(func))
+
+
+def test_rewards_up_to_the_limit_still_give_advantages(trainer_with):
+    # 1e18 and -1e18 in one group: TRL's float32 std stays finite, so the group has non-zero advantages
+    rewards = rewards_of(trainer_with(lambda completions, **k: [1e18, -1e18, 0.0, 1e18]))[:, 0]
+    assert rewards.dtype == torch.float32 and rewards.tolist() == pytest.approx([1e18, -1e18, 0.0, 1e18], rel=1e-7)
+    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-4)  # TRL's group normalisation, in float32
+    assert torch.isfinite(advantages).all() and advantages.abs().min() > 0.1
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0], ids=["no-limit", "time-limit"])
+@pytest.mark.parametrize("wrap", [lambda f: f, async_version], ids=["sync", "async"])
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_reward_that_calls_sys_exit_is_an_error_naming_it(trainer_with, wrap, code, timeout):
+    def exiting_reward(completions, **kwargs):
+        raise SystemExit(code)
+
+    func = wrap(exiting_reward)
+    func.__name__ = "exiting_reward"
+    trainer = trainer_with(func, reward_func_timeout_seconds=timeout)
+    with pytest.raises(RuntimeError, match=rf"reward function 'exiting_reward' called sys.exit\({code}\).*Fix"):
+        rewards_of(trainer)
+
+
+def test_a_reward_that_edits_its_inputs_in_place_cannot_change_what_the_next_one_scores(trainer_with):
+    seen = []
+
+    def vandal_reward(completions, prompts, **kwargs):
+        completions[0] = "rewritten"
+        completions.append("extra")
+        prompts.clear()
+        return [0.0] * 4
+
+    def honest_reward(completions, prompts, **kwargs):
+        seen.append((list(completions), list(prompts)))
+        return [1.0] * len(completions)
+
+    rewards_of(trainer_with(vandal_reward, honest_reward))
+    assert seen == [([f"completion {i}" for i in range(N)], [f"prompt {i}" for i in range(N)])]
+
+
+def test_an_async_reward_that_blocks_its_event_loop_is_still_stopped_by_the_time_limit(trainer_with):
+    async def blocking_reward(completions, **kwargs):
+        time.sleep(3600)  # blocks the loop it runs on: no asyncio timer on that loop can fire
+
+    trainer = trainer_with(blocking_reward, reward_func_timeout_seconds=0.5)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"reward function 'blocking_reward' did not return within "
+                                           r"reward_func_timeout_seconds = 0.5 s"):
+        rewards_of(trainer)
+    assert time.monotonic() - start < 30
+
+
+def test_an_async_reward_under_a_time_limit_keeps_its_own_loop_between_calls(trainer_with):
+    loops = []
+
+    async def loop_reward(completions, **kwargs):
+        loops.append(asyncio.get_running_loop())
+        await asyncio.sleep(0)
+        return [0.0] * len(completions)
+
+    trainer = trainer_with(loop_reward, reward_func_timeout_seconds=5.0)
+    rewards_of(trainer)
+    rewards_of(trainer)
+    assert len(loops) == 2 and loops[0] is loops[1]  # state bound to the loop (a client session) carries over

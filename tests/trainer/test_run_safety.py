@@ -238,3 +238,121 @@ def test_the_output_dir_or_a_saved_model_passed_as_the_checkpoint(finished_run, 
     shutil.copytree(run / "checkpoint-2", model, ignore=shutil.ignore_patterns("trainer_state.json", "*.pt", "*.pth"))
     with pytest.raises(ValueError, match=r"is not a checkpoint: it has no trainer_state.json.*--model_name_or_path"):
         resolve_resume(str(model), run)
+
+
+# --- Round 3 (docs/reliability.md) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo"])
+def test_the_lock_never_follows_a_link_nor_writes_into_a_file_it_does_not_own(tmp_path, kind):
+    import os
+
+    output_dir, outside = tmp_path / "out", tmp_path / "precious.txt"
+    output_dir.mkdir()
+    outside.write_text("a file outside output_dir\n")
+    lock = output_dir / LOCK_FILE
+    {"symlink": lambda: lock.symlink_to(outside), "hardlink": lambda: os.link(outside, lock),
+     "fifo": lambda: os.mkfifo(lock)}[kind]()
+    what = {"symlink": "is a symbolic link", "hardlink": r"is a hard link \(2 names\)",
+            "fifo": "is not a regular file"}[kind]
+    with pytest.raises(ValueError, match=rf"the run's lock file .*{what}.*Fix: remove"):
+        acquire_output_dir_lock(output_dir)
+    assert outside.read_text() == "a file outside output_dir\n"  # neither truncated nor written
+
+
+def test_the_lock_takes_over_a_dead_runs_plain_file(tmp_path):
+    (tmp_path / LOCK_FILE).write_text("pid 1 on gone-host, since long ago\n")
+    acquire_output_dir_lock(tmp_path)
+    try:
+        assert (tmp_path / LOCK_FILE).read_text().startswith("pid ")
+        assert "gone-host" not in (tmp_path / LOCK_FILE).read_text()
+    finally:
+        release_output_dir_lock(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tiny_model_path, tmp_path_factory):
+    """A 4-step run with checkpoint-2 and checkpoint-4."""
+    output_dir = tmp_path_factory.mktemp("four") / "run"
+    make_trainer(tiny_model_path, output_dir, max_steps=4).train()
+    assert (output_dir / "checkpoint-4").is_dir()
+    return output_dir
+
+
+def weights_of(checkpoint: Path) -> bytes:
+    return (checkpoint / "model.safetensors").read_bytes()
+
+
+def test_resuming_an_older_checkpoint_never_overwrites_a_newer_one(four_step_run, tmp_path, capsys, no_model_load):
+    run = copy_run(four_step_run, tmp_path)
+    newest = weights_of(run / "checkpoint-4")
+    flags = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", data_file(tmp_path), "--output_dir",
+             str(run), "--resume_from_checkpoint", str(run / "checkpoint-2"), "--max_steps", "4"]
+    error = cli_error(capsys, *flags)  # before the model loads
+    assert "checkpoint-2 is at step 2, but output_dir" in error
+    assert "newer complete checkpoints (checkpoint-4)" in error
+    assert "--overwrite_output_dir true" in error and "--resume_from_checkpoint true" in error
+    assert weights_of(run / "checkpoint-4") == newest
+
+
+def test_train_refuses_it_too_and_the_newer_checkpoint_stays(tiny_model_path, four_step_run, tmp_path):
+    run = copy_run(four_step_run, tmp_path)
+    newest = weights_of(run / "checkpoint-4")
+    with pytest.raises(ValueError, match="newer complete checkpoints"):
+        make_trainer(tiny_model_path, run, max_steps=4, learning_rate=5e-3).train(str(run / "checkpoint-2"))
+    assert weights_of(run / "checkpoint-4") == newest
+
+
+def test_branching_with_overwrite_output_dir_moves_the_newer_checkpoints_aside(tiny_model_path, four_step_run,
+                                                                               tmp_path):
+    run = copy_run(four_step_run, tmp_path)
+    newest, folder = weights_of(run / "checkpoint-4"), (run / "checkpoint-4").stat().st_ino
+    trainer = make_trainer(tiny_model_path, run, max_steps=4, learning_rate=5e-3, overwrite_output_dir=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(str(run / "checkpoint-2"))
+    moved = [str(w.message) for w in caught if "moved the newer checkpoint(s) checkpoint-4" in str(w.message)]
+    assert len(moved) == 1 and "previous-run-1" in moved[0]
+    kept = run / "previous-run-1" / "checkpoint-4"  # the same folder, moved out of the new branch's way
+    assert kept.stat().st_ino == folder and weights_of(kept) == newest and not checkpoint_problems(kept)
+    assert (run / "checkpoint-4").stat().st_ino != folder and not checkpoint_problems(run / "checkpoint-4")
+
+
+def test_resuming_an_older_run_into_a_newer_runs_output_dir_is_refused(tiny_model_path, four_step_run, tmp_path):
+    run = copy_run(four_step_run, tmp_path)  # run B's checkpoints; run A's moved aside, as overwrite_output_dir does
+    shutil.copytree(run / "checkpoint-2", run / "previous-run-1" / "checkpoint-2")
+    newest = weights_of(run / "checkpoint-4")
+    with pytest.raises(ValueError, match=r"previous-run-1/checkpoint-2 is at step 2, .*newer complete checkpoints "
+                                         r"\(checkpoint-4\)"):
+        make_trainer(tiny_model_path, run, max_steps=4).train(str(run / "previous-run-1" / "checkpoint-2"))
+    assert weights_of(run / "checkpoint-4") == newest
+
+
+def test_a_resume_past_max_steps_is_refused(four_step_run, tmp_path, capsys, no_model_load):
+    run = copy_run(four_step_run, tmp_path)
+    final = run / "model.safetensors"
+    before = final.read_bytes() if final.exists() else None
+    error = cli_error(capsys, "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", data_file(tmp_path),
+                      "--output_dir", str(run), "--resume_from_checkpoint", "true", "--max_steps", "2")
+    assert "checkpoint-4 is at step 4, past max_steps = 2: there is nothing left to train" in error
+    assert "--max_steps above 4" in error
+    assert (final.read_bytes() if final.exists() else None) == before
+
+
+@pytest.mark.parametrize("content", ['{"settings": null}', "[1, 2]", "{not json", None],
+                         ids=["null-settings", "a-list", "invalid-json", "deleted"])
+def test_an_unreadable_settings_record_means_settings_unknown_not_a_partial_checkpoint(
+        tiny_model_path, finished_run, tmp_path, content):
+    run = copy_run(finished_run, tmp_path)
+    record = run / "checkpoint-2" / RUN_SETTINGS_FILE
+    if content is None:
+        record.unlink()
+    else:
+        record.write_text(content)
+    assert checkpoint_problems(run / "checkpoint-2") == []  # complete: the record is a note, not resumable state
+    trainer = make_trainer(tiny_model_path, run, max_steps=4, learning_rate=5e-3, fipo_decay_rate=64.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=True)
+    unknown = [str(w.message) for w in caught if "settings it was trained with are unknown" in str(w.message)]
+    assert len(unknown) == 1 and RUN_SETTINGS_FILE in unknown[0] and "cannot be checked" in unknown[0]
+    assert trainer.state.global_step == 4 and (run / "checkpoint-4").is_dir()
