@@ -28,6 +28,7 @@ import select
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 __all__ = ["MathVerifier", "MathVerifyReward", "OverlongPenalty", "completion_text", "extract_answer",
@@ -128,13 +129,13 @@ class MathVerifier:
         for stream in (process.stdin, process.stdout):
             stream.close()
 
-    def equal(self, gold: str, pred: str) -> bool:
-        """Whether ``pred`` is mathematically equivalent to ``gold`` (both plain answers, boxed or not)."""
+    def _ask(self, request: dict) -> dict | None:
+        """The worker's reply to one request, or None when it overran (or died)."""
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._process = self._start()
             try:
-                self._process.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
+                self._process.stdin.write(json.dumps(request) + "\n")
                 self._process.stdin.flush()
                 reply = self._read(self._process, self.timeout_seconds)
             except (BrokenPipeError, OSError, ValueError):
@@ -143,8 +144,18 @@ class MathVerifier:
                 self.timeouts += 1
                 self._kill(self._process)
                 self._process = None
-                return False
-            return bool(reply["equal"])
+            return reply
+
+    def equal(self, gold: str, pred: str) -> bool:
+        """Whether ``pred`` is mathematically equivalent to ``gold`` (both plain answers, boxed or not)."""
+        reply = self._ask({"gold": gold, "pred": pred})
+        return reply is not None and bool(reply["equal"])
+
+    def parses(self, text: str) -> bool:
+        """Whether math-verify finds an expression in ``text`` (a reference answer that does not parse makes every
+        completion wrong)."""
+        reply = self._ask({"parse": text})
+        return reply is not None and bool(reply.get("parsed"))
 
     def close(self) -> None:
         with self._lock:
@@ -226,13 +237,34 @@ class MathVerifyReward:
 
     __name__ = "math_verify_reward"  # TRL logs rewards under the function name
 
+    MAX_NAMED = 10  # unparseable references named in warnings, one each; then one line says more were found
+
     def __init__(self, timeout_seconds: float = 5.0, max_answer_chars: int = 1000):
         self.max_answer_chars = max_answer_chars
         self.verifier = MathVerifier(timeout_seconds)
+        self.unparseable: set[str] = set()  # references math-verify finds no expression in
+        self._checked: set[str] = set()
+
+    def check_reference(self, reference: str) -> None:
+        """Warn once per reference that never parses (an unclosed \\frac{, \\sqrt[, \\begin{cases}): every
+        completion for it would score -1 in silence."""
+        if reference in self._checked:
+            return
+        self._checked.add(reference)
+        if self.verifier.parses(reference):
+            return
+        self.unparseable.add(reference)
+        if len(self.unparseable) <= self.MAX_NAMED:
+            more = " (further ones are counted in math_verify_reward.unparseable, not named)" \
+                if len(self.unparseable) == self.MAX_NAMED else ""
+            warnings.warn(f"math_verify_reward: the reference answer {reference!r:.120} does not parse (math-verify "
+                          "finds no expression in it), so every completion for its row scores -1. Fix: repair that "
+                          f"answer in the dataset, or drop its row{more}.", UserWarning, stacklevel=3)
 
     def score(self, completion: str, reference: str | None) -> float | None:
         if reference is None:
             return None
+        self.check_reference(reference)
         answer = extract_answer(completion, self.max_answer_chars)
         if answer is None:
             return -1.0

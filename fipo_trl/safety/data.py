@@ -2,9 +2,9 @@
 
 ``fipo-trl train`` and ``fipo-trl eval`` read local files through ``data_file_builder`` (the datasets builder of a
 file, compressed ones included) and ``check_data_file`` (a damaged file named with its line, before datasets reads
-it). ``check_prompts`` checks the prompt column of a training dataset (FIPOTrainer runs it before the model loads),
-``check_prompt_lengths`` the prompts against a model's absolute position table. Every failure is a ValueError naming
-the file, row or column, and the fix.
+it). ``check_train_dataset`` and ``check_training_data`` check a training dataset before the model loads: its
+columns, its size, and its prompts (``prompts.py``). Every failure is a ValueError naming the file, row or column,
+and the fix.
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ import json
 import lzma
 import os
 from pathlib import Path
+
+from fipo_trl.safety.prompts import (
+    absolute_position_limit,
+    check_content_parts,
+    check_prompt_lengths,
+    check_prompts,
+    rotary_position_limit,
+    warn_past_rotary_positions,
+)
 
 # Local data files load_dataset reads, by suffix (a single file: datasets names its only split "train").
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -106,6 +115,7 @@ def check_data_file(path: str | os.PathLike, flag: str) -> None:
                              "datasets reads as a single row. Fix: write one JSON object per row, as JSON lines "
                              '({"prompt": ...} per line) or a JSON list of objects.')
         if document is not None:
+            _check_unicode(document, where)
             return
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -118,6 +128,19 @@ def check_data_file(path: str | os.PathLike, flag: str) -> None:
         if not isinstance(row, dict):
             raise ValueError(f"{where}, line {number}: a JSON {type(row).__name__}, not an object with named "
                              'columns. Fix: write each row as an object, e.g. {"prompt": "...", "answer": "..."}.')
+        _check_unicode(row, f"{where}, line {number}")
+
+
+def _check_unicode(value, where: str) -> None:
+    """A lone surrogate escape ("\\ud800") is valid JSON but not Unicode text: datasets fails on it with a raw
+    DatasetGenerationError, naming neither the file nor the line."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start:error.end].encode("unicode_escape").decode()
+        raise ValueError(f"{where}: holds a lone surrogate escape ({bad}), valid JSON but not Unicode text, which "
+                         "datasets cannot store. Fix: remove or replace it (e.g. with \\ufffd), or write the text "
+                         "as UTF-8 without escapes.") from None
 
 
 def check_dataset_source(name: str, flag: str = "--dataset_name") -> None:
@@ -127,76 +150,7 @@ def check_dataset_source(name: str, flag: str = "--dataset_name") -> None:
                          "as --model_name_or_path, and the data file or dataset folder as --dataset_name.")
 
 
-# --- The prompts -------------------------------------------------------------------------------------------------
-
-def _prompt_problem(prompt) -> tuple[str | None, str | None]:
-    """(the prompt's kind, 'text' or 'chat', or None, and what is wrong with it, or None)."""
-    if isinstance(prompt, str):
-        return "text", None if prompt.strip() else "empty text"
-    if isinstance(prompt, (list, tuple)):
-        if not prompt:
-            return "chat", "an empty message list"
-        for j, message in enumerate(prompt):
-            if not isinstance(message, dict):
-                return "chat", f"message {j} is a {type(message).__name__}, not a {{'role', 'content'}} dict"
-            missing = [key for key in ("role", "content") if key not in message or message[key] is None]
-            if missing:
-                return "chat", f"message {j} has no {' or '.join(repr(k) for k in missing)} (keys: {sorted(message)})"
-        return "chat", None
-    return None, f"a {type(prompt).__name__} ({prompt!r:.40}), not text or a list of chat messages"
-
-
-def check_prompts(prompts, what: str = "train_dataset") -> str | None:
-    """Check every prompt: text or chat messages (each with 'role' and 'content'), not empty, and one format for
-    the whole dataset (TRL decides the format from the first row). Returns the format, 'text' or 'chat'."""
-    first_of_kind: dict[str, int] = {}
-    try:
-        for i, prompt in enumerate(prompts):
-            kind, problem = _prompt_problem(prompt)
-            if problem:
-                raise ValueError(f"{what}: row {i}'s 'prompt': {problem}. Fix: give every row a non-empty prompt "
-                                 "(a text, or a list of {'role': ..., 'content': ...} messages), or drop the row.")
-            first_of_kind.setdefault(kind, i)
-            if len(first_of_kind) > 1:
-                raise ValueError(f"{what}: rows mix text prompts (row {first_of_kind['text']}) and chat-message "
-                                 f"prompts (row {first_of_kind['chat']}); TRL formats every row like the first. Fix: "
-                                 "use one format, e.g. wrap each text as [{'role': 'user', 'content': text}].")
-    except UnicodeDecodeError as error:  # datasets decodes a JSON row lazily
-        raise ValueError(f"{what}: a prompt is not UTF-8 text ({error}). Fix: re-save the data as UTF-8.") from None
-    return next(iter(first_of_kind), None)
-
-
-def absolute_position_limit(config) -> int | None:
-    """The size of the model's learned absolute position table (GPT-2, OPT, ...), or None: rotary (RoPE) and ALiBi
-    models have no table to index past, so no hard limit."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
-        return None
-    settings = config.to_dict()
-    if any("rope" in key or "rotary" in key or "alibi" in key for key in settings):
-        return None
-    if settings.get("position_embedding_type", "absolute") != "absolute":
-        return None
-    return limit
-
-
-def check_prompt_lengths(prompts, tokenizer, limit: int, max_completion_length: int,
-                         what: str = "train_dataset") -> None:
-    """Each prompt plus max_completion_length tokens must fit the model's absolute position table, or generation
-    fails with an IndexError inside the embedding."""
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            n = len(tokenizer(prompt)["input_ids"])
-        else:
-            n = len(tokenizer.apply_chat_template(list(prompt), tokenize=True, add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"])
-        if n + max_completion_length > limit:
-            raise ValueError(
-                f"{what}: row {i}'s prompt is {n} tokens; with max_completion_length {max_completion_length} that is "
-                f"{n + max_completion_length} positions, but the model's position table has {limit} "
-                "(max_position_embeddings). Fix: shorten or drop the long prompts, or lower max_completion_length "
-                f"to at most {max(limit - n, 0)}.")
-
+# --- The training dataset, before the model loads -----------------------------------------------------------
 
 def check_train_dataset(dataset, args) -> None:
     """Fail before the model loads on a dataset TRL would only reject deep inside training, or train 0 steps on."""
@@ -261,8 +215,11 @@ def check_training_data(dataset, args, model=None, reward_funcs=None, processing
     prompts = dataset["prompt"]
     check_prompts(prompts)
     config = _model_config(model, args) if model is not None else None
+    if config is not None:
+        check_content_parts(prompts, config)
     limit = absolute_position_limit(config) if config is not None else None
-    if limit is None:
+    rotary_limit = rotary_position_limit(config) if config is not None and limit is None else None
+    if limit is None and rotary_limit is None:
         return
     tokenizer = processing_class
     if tokenizer is None:
@@ -272,4 +229,8 @@ def check_training_data(dataset, args, model=None, reward_funcs=None, processing
             tokenizer = AutoTokenizer.from_pretrained(model if isinstance(model, str) else config._name_or_path)
         except Exception:  # noqa: BLE001 - no tokenizer to measure with: TRL's own load reports it
             return
-    check_prompt_lengths(prompts, getattr(tokenizer, "tokenizer", tokenizer), limit, args.max_completion_length)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if limit is not None:
+        check_prompt_lengths(prompts, tokenizer, limit, args.max_completion_length)
+    else:
+        warn_past_rotary_positions(prompts, tokenizer, rotary_limit, args.max_completion_length)

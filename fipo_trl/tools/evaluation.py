@@ -18,16 +18,20 @@ run.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import string
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from numbers import Real
 from pathlib import Path
 
 import torch
 
+from fipo_trl.safety.checkpoint_files import saving_marker
 from fipo_trl.safety.data import (
     DATA_FILE_BUILDERS,
     check_data_file,
@@ -342,6 +346,48 @@ def markdown_table(model_name: str, dataset_name: str, metrics: dict[str, float]
     ])
 
 
+def check_not_being_saved(model_name_or_path: str | None) -> None:
+    """A checkpoint whose save is in progress (or was cut short) has its save marker beside it: its files may be
+    half written, which transformers reports as a raw safetensors header error."""
+    if model_name_or_path is None or not Path(model_name_or_path).is_dir():
+        return
+    marker = saving_marker(Path(model_name_or_path).resolve())
+    if marker.exists():
+        raise ValueError(f"--model_name_or_path {model_name_or_path!r} is being written: its save-in-progress marker "
+                         f"{marker} is there (a training run is saving it, or its save was cut short). Fix: wait for "
+                         "the save to finish, or evaluate a complete checkpoint (an earlier checkpoint-<step>).")
+
+
+def warn_unparseable_references(references: list[str], dataset_name: str, args: EvalArguments) -> None:
+    """Name the rows whose reference answer math-verify finds no expression in: every sample of them scores as
+    wrong, which would otherwise read as a weak model."""
+    from fipo_trl.rewards import MathVerifier
+
+    verifier = MathVerifier(args.timeout_seconds)
+    try:
+        rows = [i for i, reference in enumerate(references) if not verifier.parses(reference)]
+    finally:
+        verifier.close()
+    if rows:
+        shown = ", ".join(f"row {i} ({references[i]!r:.40})" for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        warnings.warn(f"--answer_column {args.answer_column!r}: {len(rows)} reference answer(s) of {dataset_name} do "
+                      f"not parse (math-verify finds no expression in them): {shown}. Every sample of those problems "
+                      "scores as wrong. Fix: repair those answers, or drop their rows.", UserWarning, stacklevel=2)
+
+
+@contextmanager
+def keeping_samples_when_the_disk_fills(samples_path: Path, saved_count):
+    """A full disk (or quota) while writing: say that the samples written so far are kept and a rerun resumes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(error.errno, f"{error.strerror} while writing {error.filename or samples_path}. The "
+                      f"{saved_count()} problems sampled so far are kept in {samples_path}: free space, then rerun "
+                      "the same command, which resumes from them.") from error
+
+
 def evaluate_math(args: EvalArguments) -> dict:
     from fipo_trl.tools.math_metrics import load_math_metric
 
@@ -357,6 +403,8 @@ def evaluate_math(args: EvalArguments) -> dict:
                              "folder.") from error
         samples_path = output_dir / SAMPLES_FILE
         saved = read_saved_samples(samples_path, args, problems, references)
+        check_not_being_saved(args.model_name_or_path)
+    warn_unparseable_references(references, dataset_name, args)
     use_vllm = args.use_vllm
     if use_vllm is None:
         use_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
@@ -372,19 +420,20 @@ def evaluate_math(args: EvalArguments) -> dict:
 
             model_path = str(build_tiny_model(output_dir / TINY_MODEL_DIR))
         generate, prompts = load_generator(model_path, problems, args, use_vllm)
-        if saved is None:  # written once the model has loaded: a failed load leaves nothing that blocks a rerun
-            samples_path.write_text(json.dumps(sampling_header(args)) + "\n")
-            saved = {}
-        for start in range(0, len(problems), args.batch_size):
-            end = min(start + args.batch_size, len(problems))
-            todo = [i for i in range(start, end) if i not in saved]
-            if not todo:
-                continue
-            # The whole batch with its own seed, so that the samples are those of an uninterrupted run.
-            batch = generate(prompts[start:end], seed=args.seed + start)
-            append_samples(samples_path, todo, [problems[i] for i in todo], [references[i] for i in todo],
-                           [batch[i - start] for i in todo])
-            saved.update((i, batch[i - start]) for i in todo)
+        with keeping_samples_when_the_disk_fills(samples_path, lambda: len(saved or ())):
+            if saved is None:  # written once the model has loaded: a failed load leaves nothing that blocks a rerun
+                samples_path.write_text(json.dumps(sampling_header(args)) + "\n")
+                saved = {}
+            for start in range(0, len(problems), args.batch_size):
+                end = min(start + args.batch_size, len(problems))
+                todo = [i for i in range(start, end) if i not in saved]
+                if not todo:
+                    continue
+                # The whole batch with its own seed, so that the samples are those of an uninterrupted run.
+                batch = generate(prompts[start:end], seed=args.seed + start)
+                append_samples(samples_path, todo, [problems[i] for i in todo], [references[i] for i in todo],
+                               [batch[i - start] for i in todo])
+                saved.update((i, batch[i - start]) for i in todo)
     completions = [saved[i] for i in range(len(problems))]
 
     scores = load_math_metric().compute(predictions=completions, references=references,
@@ -403,9 +452,10 @@ def evaluate_math(args: EvalArguments) -> dict:
         "samples": [{"problem": p, "reference": r, "completions": c, "num_correct": n}
                     for p, r, c, n in zip(problems, references, completions, counts)],
     }
-    write_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2))
     table = markdown_table(model_name, dataset_name, metrics)
-    write_atomically(output_dir / "eval_results.md", table)
+    with keeping_samples_when_the_disk_fills(samples_path, lambda: len(saved)):
+        write_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2))
+        write_atomically(output_dir / "eval_results.md", table)
     print(table)
     print(f"Results written to {output_dir / 'eval_results.json'} and {output_dir / 'eval_results.md'} "
           f"(samples: {samples_path})")

@@ -56,6 +56,9 @@ def write_cases(tmp_path):
     (tmp_path / "no_content.jsonl").write_text(jsonl([{"prompt": [{"role": "user"}], "answer": "2"}] * 8))
     (tmp_path / "clash.jsonl").write_text(jsonl([{**row, "completions": "x"} for row in good]))
     (tmp_path / "label.jsonl").write_text(jsonl([{"prompt": p, "label": "2"} for p in PROMPTS]))
+    lines = jsonl(good).splitlines()
+    lines[2] = '{"prompt": "what is \\ud800 ?", "answer": "2"}'  # valid JSON, a lone surrogate: not Unicode text
+    (tmp_path / "surrogate.jsonl").write_text("\n".join(lines) + "\n")
     model = tmp_path / "a-model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -75,6 +78,7 @@ def write_cases(tmp_path):
     ("no_content.jsonl", [], r"row 0's 'prompt': message 0 has no 'content'"),
     ("clash.jsonl", [], r"the column\(s\) \['completions'\], a name TRL already passes to every reward function"),
     ("label.jsonl", ["--reward_funcs", "math_verify_reward"], r"math_verify_reward needs a reference answer column"),
+    ("surrogate.jsonl", [], r"--dataset_name '.*surrogate.jsonl', line 3: holds a lone surrogate escape \(\\ud800\)"),
     ("a-model", [], r"--dataset_name '.*a-model' is a model folder \(config.json and weights\), not a dataset"),
 ])
 def test_bad_data_files_fail_with_one_line_before_the_model_loads(tmp_path, capsys, no_model_load, data, extra,

@@ -361,3 +361,45 @@ def test_the_results_table_escapes_a_pipe_in_a_name():
     row = table.splitlines()[2]
     cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
     assert cells == [r"org/model\|x", r"data\|set &lt;b&gt;", "50.0", "100.0"]
+
+
+# --- Round 3 (docs/reliability.md) ------------------------------------------------------------------------------
+
+def test_a_checkpoint_still_being_saved_is_named_before_anything_loads(tmp_path, no_model_load):
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"\x10\x00")  # half written
+    (tmp_path / "run" / "_saving_checkpoint-4").write_text("saving\n")
+    with pytest.raises(ValueError, match=r"--model_name_or_path '.*checkpoint-4' is being written: its "
+                                         r"save-in-progress marker .*_saving_checkpoint-4 is there.*Fix: wait"):
+        evaluation.main(["--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "out")])
+
+
+def test_a_full_disk_says_the_samples_so_far_are_kept_and_a_rerun_resumes(tmp_path, monkeypatch):
+    import errno
+
+    real_append = evaluation.append_samples
+    appended = []
+
+    def fills_the_disk(path, *args):
+        if len(appended) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        appended.append(args)
+        real_append(path, *args)
+
+    monkeypatch.setattr(evaluation, "append_samples", fills_the_disk)
+    with pytest.raises(OSError, match=r"No space left on device while writing .*eval_samples.jsonl. The 2 problems "
+                                      r"sampled so far are kept in .*: free space, then rerun the same command"):
+        tiny_eval(tmp_path / "out")
+    monkeypatch.setattr(evaluation, "append_samples", real_append)
+    assert len(saved_lines(tmp_path / "out")) == 3  # the header and the 2 problems: kept
+    calls = count_generate_calls(monkeypatch)
+    assert tiny_eval(tmp_path / "out")["num_problems"] == 4 and calls == [1, 1]  # resumed: problems 2 and 3 only
+
+
+def test_references_that_never_parse_are_named_by_row(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"problem": "what is one plus one ?", "answer": answer}
+                                                  for answer in ("2", "\\frac{", "5", "\\sqrt[")])
+    with pytest.warns(UserWarning, match=r"--answer_column 'answer': 2 reference answer\(s\) of .* do not parse .*"
+                                         r"row 1 \('\\\\frac\{'\), row 3 .*Fix: repair"):
+        tiny_eval(tmp_path / "out", "--dataset_name", data)

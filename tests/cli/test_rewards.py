@@ -103,3 +103,20 @@ def test_overlong_penalty_hand_values():
     assert penalty.__name__ == "overlong_penalty"
     with pytest.raises(ValueError):
         overlong_penalty(10, 20)
+
+
+@pytest.mark.parametrize("reference", ["\\frac{", "\\sqrt[", "\\begin{cases}"])
+def test_a_reference_that_never_parses_is_named_once(reference):
+    import warnings
+
+    reward = MathVerifyReward(timeout_seconds=2.0)
+    try:
+        with pytest.warns(UserWarning, match=r"math_verify_reward: the reference answer .* does not parse .*every "
+                                             r"completion for its row scores -1. Fix: repair"):
+            assert reward(["\\boxed{1}", "\\boxed{1}"], answer=[reference, reference]) == [-1.0, -1.0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # named once: no second warning for the same reference
+            assert reward(["\\boxed{2}", "\\boxed{2}"], answer=[reference, "2"]) == [-1.0, 1.0]
+        assert reward.unparseable == {reference}
+    finally:
+        reward.verifier.close()

@@ -4,13 +4,15 @@ clashes with TRL's reward arguments; math_verify_reward without an answer column
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import transformers
 from datasets import Dataset
 
 from fipo_trl import FIPOConfig, FIPOTrainer
 from fipo_trl.rewards import math_verify_reward
-from fipo_trl.safety.data import absolute_position_limit, check_prompts
+from fipo_trl.safety.prompts import absolute_position_limit, check_prompts
 from fipo_trl.tools.tiny import build_tiny_tokenizer, digit_reward, tiny_prompt_dataset
 
 
@@ -106,3 +108,27 @@ def test_a_prompt_longer_than_the_position_table_is_refused_before_the_model_loa
     # a short dataset passes the check (the model then loads: no_model_load stops it there)
     with pytest.raises(AssertionError, match="the model was loaded"):
         make(tiny_gpt2_path, rows(["what is one plus one ?"]), tmp_path)
+
+
+# --- Round 3 (docs/reliability.md) ------------------------------------------------------------------------------
+
+def test_a_prompt_past_a_rotary_models_positions_is_warned_about_before_the_model_loads(tiny_model_path, tmp_path,
+                                                                                        no_model_load):
+    long = " ".join(["one plus"] * 130) + " ?"  # 261 words: past the tiny Llama's 256 positions
+    with pytest.warns(UserWarning, match=r"train_dataset: 4 prompt\(s\) plus max_completion_length 8 run past the "
+                                         r"256 positions the model was trained on .*row 1, \d+ tokens.*Fix"):
+        with pytest.raises(AssertionError, match="the model was loaded"):  # the warning came first
+            make(tiny_model_path, rows(["what is one plus one ?", long]), tmp_path)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(AssertionError, match="the model was loaded"):
+        warnings.simplefilter("always")
+        make(tiny_model_path, rows(["what is one plus one ?"]), tmp_path)
+    assert not [w for w in caught if "run past" in str(w.message)]
+
+
+def test_media_content_parts_for_a_text_only_model_are_refused_before_it_loads(tiny_model_path, tmp_path,
+                                                                               no_model_load):
+    parts = [{"role": "user", "content": [{"type": "image", "text": None},
+                                          {"type": "text", "text": "what is one plus one ?"}]}]
+    with pytest.raises(ValueError, match=r"row 0's message 0 has content parts of type 'image', which only a "
+                                         r"vision-language model reads; this model \(llama\) is text-only.*Fix"):
+        make(tiny_model_path, rows([parts]), tmp_path)
