@@ -88,6 +88,12 @@ def warn_past_rotary_positions(prompts, tokenizer, limit: int, max_completion_le
     """Warn, before the model loads, when prompts plus max_completion_length run past the positions a rotary model
     was trained on: it still computes, but its outputs degrade there."""
     room = limit - max_completion_length
+    if room <= 0:  # the completions alone run past: no prompt needs tokenizing
+        warnings.warn(
+            f"{what}: max_completion_length {max_completion_length} alone runs past the {limit} positions the model "
+            "was trained on (max_position_embeddings): long completions reach positions where a rotary model's "
+            f"outputs degrade. Fix: lower max_completion_length below {limit}.", UserWarning, stacklevel=4)
+        return
     over = [(i, n) for i, prompt in enumerate(prompts) if not _surely_fits(prompt, room)
             if (n := _prompt_tokens(prompt, tokenizer)) > room]
     if over:

@@ -157,7 +157,9 @@ def prepare_resume(trainer, resume):
             if checkpoint is None:
                 messages += check_fresh_output_dir(args.output_dir, getattr(args, "overwrite_output_dir", False))
             else:
-                check_resume_before_load(checkpoint, args, trainer.accelerator.unwrap_model(trainer.model).config)
+                model = trainer.accelerator.unwrap_model(trainer.model)
+                check_resume_before_load(checkpoint, args, model.config)
+                check_checkpoint_layout(checkpoint, use_peft=hasattr(model, "peft_config"))
                 step = checkpoint_global_step(checkpoint)
                 messages += check_resume_target(checkpoint, step, args, getattr(args, "overwrite_output_dir", False),
                                                 training_state)
@@ -198,9 +200,28 @@ def move_aside(output_dir, checkpoints: list[Path]) -> Path:
     while (Path(output_dir) / f"previous-run-{n}").exists():
         n += 1
     target = Path(output_dir) / f"previous-run-{n}"
+    device = os.stat(output_dir).st_dev
+    for checkpoint in checkpoints:  # every move must be possible before the first one is made
+        why = ("it lies on another filesystem (a mount)" if os.lstat(checkpoint).st_dev != device
+               else "it or output_dir is not writable" if not (os.access(checkpoint, os.W_OK)
+                                                                and os.access(output_dir, os.W_OK)) else None)
+        if why:
+            raise ValueError(f"overwrite_output_dir: the earlier run's {checkpoint} cannot be moved to {target} "
+                             f"({why}); nothing was moved. Fix: make it movable, or move it yourself, or pass a new "
+                             "--output_dir.")
     target.mkdir()
+    moved = []
     for checkpoint in checkpoints:
-        checkpoint.rename(target / checkpoint.name)
+        try:
+            checkpoint.rename(target / checkpoint.name)
+        except OSError as error:
+            left = [c.name for c in checkpoints if c not in moved]
+            raise ValueError(
+                f"overwrite_output_dir: moving {checkpoint} to {target} failed ({error}). Nothing was deleted: "
+                f"{[c.name for c in moved]} are now in {target}, {left} are still in {output_dir}. Fix: make "
+                "them movable, then rerun (the moved ones stay where they are), or pass a new --output_dir."
+            ) from None
+        moved.append(checkpoint)
         saving_marker(checkpoint).unlink(missing_ok=True)
     return target
 
@@ -275,7 +296,24 @@ def check_resume_before_load(checkpoint, args, model_config=None, model_name: st
     check_dynamic_sampling_seed(checkpoint, args)
 
 
-def check_output_dir_before_load(args, model_name_or_path: str | None = None) -> None:
+def check_checkpoint_layout(checkpoint, use_peft: bool) -> None:
+    """A LoRA checkpoint holds only the adapter, a full one only the model: resumed into the other kind of model,
+    transformers fails after the model loads ("Can't find a checkpoint index"). Name the flag instead."""
+    folder = Path(checkpoint)
+    adapter_names = ("adapter_model.safetensors", "adapter_model.bin")
+    adapter = any((folder / name).is_file() for name in adapter_names) or any(
+        entry.is_dir() and any((entry / name).is_file() for name in adapter_names) for entry in folder.iterdir())
+    full = any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
+                                                        "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    if adapter and not full and not use_peft:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} holds a LoRA adapter, not the whole model: it was "
+                         "trained with --use_peft. Fix: add --use_peft (with that run's --lora_* flags) to resume it.")
+    if full and not adapter and use_peft:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} holds the whole model, not a LoRA adapter: it was "
+                         "trained without --use_peft. Fix: drop --use_peft to resume it.")
+
+
+def check_output_dir_before_load(args, model_name_or_path: str | None = None, use_peft: bool | None = None) -> None:
     """For ``fipo-trl train``, before anything loads: a resume flag must resolve to a complete checkpoint of this
     model's architecture (and seed, under dynamic sampling); a fresh run must not mix its checkpoints with another
     run's (see ``check_fresh_output_dir``; with overwrite_output_dir, train() moves them)."""
@@ -287,6 +325,8 @@ def check_output_dir_before_load(args, model_name_or_path: str | None = None) ->
         checkpoint, _ = resolve_resume(resume, args.output_dir, not args.save_only_model)
         if not getattr(args, "overwrite_output_dir", False):  # with it, train() moves the newer checkpoints
             check_resume_target(checkpoint, checkpoint_global_step(checkpoint), args, False, not args.save_only_model)
+        if use_peft is not None:
+            check_checkpoint_layout(checkpoint, use_peft)
         config = None
         if model_name_or_path is not None:
             from transformers import AutoConfig

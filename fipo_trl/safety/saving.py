@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fipo_trl.safety.checkpoint_files import newest_complete_checkpoint, saving_marker
 from fipo_trl.safety.lock import release_output_dir_lock
-from fipo_trl.safety.resume import prepare_resume
+from fipo_trl.safety.resume import checkpoint_global_step, prepare_resume
 from fipo_trl.safety.run_settings import write_run_settings
 
 _INTERNAL_GONE = (
@@ -91,6 +91,23 @@ def guard_checkpoint_saves(trainer):
             del trainer._save_checkpoint
 
 
+def check_steps_trained(trainer, start: int) -> None:
+    """A run that was to train and made no optimizer step is an error, not a success (exit status 0, a model card
+    for an untrained model): a streamed dataset (its size unknown until it runs out) shorter than one generation
+    batch ends training that way."""
+    max_steps = trainer.args.max_steps
+    if trainer.state.global_step > start or (isinstance(max_steps, int) and 0 < max_steps <= start):
+        return
+    streamed = not hasattr(trainer.train_dataset, "__len__")
+    cause = ("the streamed train_dataset ran out before one generation batch of prompts "
+             f"(generation_batch_size / num_generations = "
+             f"{trainer.args.generation_batch_size // trainer.args.num_generations})" if streamed
+             else "the train_dataset yielded no full generation batch")
+    raise RuntimeError(f"training ran 0 optimizer steps (from step {start}): {cause}. Nothing was trained, so no "
+                       "model is saved. Fix: add rows, or lower per_device_train_batch_size or "
+                       "fipo_updates_per_generation (steps_per_generation).")
+
+
 class SafeCheckpointsMixin:
     """Mix in before ``transformers.Trainer`` (FIPOTrainer does): ``train`` becomes safe against checkpoints cut
     short by a kill or a full disk. Resuming (True, "true" or a path) uses the newest *complete* checkpoint and warns
@@ -100,9 +117,12 @@ class SafeCheckpointsMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)  # the main process now holds the lock
+        start = 0 if resume_from_checkpoint is None else checkpoint_global_step(resume_from_checkpoint)
         try:
             with guard_checkpoint_saves(self):
-                return super().train(resume_from_checkpoint, *args, **kwargs)
+                output = super().train(resume_from_checkpoint, *args, **kwargs)
+            check_steps_trained(self, start)
+            return output
         finally:
             if self.accelerator.is_main_process:
                 release_output_dir_lock(self.args.output_dir)

@@ -25,8 +25,9 @@ def no_model_load(monkeypatch):
 
 
 def make(model, dataset, tmp_path, reward=digit_reward, **overrides):
-    args = FIPOConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, num_generations=4,
-                      fipo_updates_per_generation=2, max_completion_length=8, report_to="none", **overrides)
+    args = FIPOConfig(**{**dict(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, num_generations=4,
+                                fipo_updates_per_generation=2, max_completion_length=8, report_to="none"),
+                         **overrides})
     return FIPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
 
 
@@ -132,3 +133,11 @@ def test_media_content_parts_for_a_text_only_model_are_refused_before_it_loads(t
     with pytest.raises(ValueError, match=r"row 0's message 0 has content parts of type 'image', which only a "
                                          r"vision-language model reads; this model \(llama\) is text-only.*Fix"):
         make(tiny_model_path, rows([parts]), tmp_path)
+
+
+def test_a_max_completion_length_past_a_rotary_models_positions_is_named_without_tokenizing(tiny_model_path, tmp_path,
+                                                                                          no_model_load):
+    with pytest.warns(UserWarning, match=r"max_completion_length 300 alone runs past the 256 positions .*Fix: lower "
+                                         r"max_completion_length below 256"):
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            make(tiny_model_path, rows(["what is one plus one ?"]), tmp_path, max_completion_length=300)

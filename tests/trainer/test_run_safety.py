@@ -356,3 +356,80 @@ def test_an_unreadable_settings_record_means_settings_unknown_not_a_partial_chec
     unknown = [str(w.message) for w in caught if "settings it was trained with are unknown" in str(w.message)]
     assert len(unknown) == 1 and RUN_SETTINGS_FILE in unknown[0] and "cannot be checked" in unknown[0]
     assert trainer.state.global_step == 4 and (run / "checkpoint-4").is_dir()
+
+
+def as_lora_checkpoint(checkpoint: Path) -> None:
+    """The layout a --use_peft run saves: the adapter and its config, no whole model."""
+    (checkpoint / "model.safetensors").rename(checkpoint / "adapter_model.safetensors")
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+
+
+def test_a_lora_checkpoint_resumed_without_use_peft_names_the_flag_before_the_model_loads(
+        finished_run, tmp_path, capsys, no_model_load):
+    run = copy_run(finished_run, tmp_path)
+    flags = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", data_file(tmp_path), "--output_dir",
+             str(run), "--resume_from_checkpoint", "true", "--max_steps", "4"]
+    error = cli_error(capsys, *flags, "--use_peft", "--lora_target_modules", "q_proj")
+    assert "holds the whole model, not a LoRA adapter: it was trained without --use_peft" in error
+    assert "Fix: drop --use_peft" in error
+    as_lora_checkpoint(run / "checkpoint-2")
+    assert checkpoint_problems(run / "checkpoint-2") == []
+    error = cli_error(capsys, *flags)
+    assert "holds a LoRA adapter, not the whole model: it was trained with --use_peft. Fix: add --use_peft" in error
+
+
+def test_train_names_the_layout_too(tiny_model_path, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    as_lora_checkpoint(run / "checkpoint-2")
+    with pytest.raises(ValueError, match="holds a LoRA adapter, not the whole model.*Fix: add --use_peft"):
+        make_trainer(tiny_model_path, run, max_steps=4).train(resume_from_checkpoint=True)
+
+
+def test_a_move_that_cannot_be_made_is_named_before_anything_moves(finished_run, tmp_path, monkeypatch):
+    import os
+
+    from fipo_trl.safety.resume import check_fresh_output_dir
+
+    run = copy_run(finished_run, tmp_path)
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-4")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "checkpoint-4" and real_access(path, mode))
+    with pytest.raises(ValueError, match=r"checkpoint-4 cannot be moved to .*previous-run-1 \(it or output_dir is not "
+                                         r"writable\); nothing was moved"):
+        check_fresh_output_dir(run, overwrite=True)
+    assert (run / "checkpoint-2").is_dir() and not (run / "previous-run-1").exists()
+
+
+def test_a_move_that_fails_halfway_says_where_the_old_run_now_lies(finished_run, tmp_path, monkeypatch):
+    from fipo_trl.safety.resume import check_fresh_output_dir
+
+    run = copy_run(finished_run, tmp_path)
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-4")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "checkpoint-4":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(ValueError, match=r"moving .*checkpoint-4 to .*previous-run-1 failed \(.*Permission "
+                                         r"denied.*\). Nothing was deleted: \['checkpoint-2'\] are now in "
+                                         r".*previous-run-1, \['checkpoint-4'\] are still in"):
+        check_fresh_output_dir(run, overwrite=True)
+    assert (run / "previous-run-1" / "checkpoint-2").is_dir() and (run / "checkpoint-4").is_dir()
+
+
+def test_a_streamed_dataset_shorter_than_a_generation_batch_is_an_error_not_a_run_of_0_steps(
+        tiny_model_path, tmp_path):
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "what is one plus one ?", "answer": "2"}) + "\n" for _ in range(1)))
+    out = tmp_path / "out"  # one generation batch takes 2 prompts: (4 x 2 steps_per_generation) / 4 generations
+    with pytest.raises(RuntimeError, match=r"training ran 0 optimizer steps \(from step 0\): the streamed "
+                                           r"train_dataset ran out before one generation batch of prompts"):
+        cli.main(["train", "--model_name_or_path", tiny_model_path, "--dataset_name", str(path),
+                  "--dataset_streaming", "true", "--output_dir", str(out), "--max_steps", "2",
+                  "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
+                  "--fipo_updates_per_generation", "2", "--reward_funcs", "fipo_trl.tools.tiny.digit_reward",
+                  "--report_to", "none", "--bf16", "false"])
+    assert not (out / "README.md").exists() and not (out / "model.safetensors").exists()
