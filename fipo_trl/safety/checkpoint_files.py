@@ -3,8 +3,9 @@
 transformers writes ``checkpoint-<step>`` file by file (weights, optimizer, scheduler, RNG state, trainer_state.json
 last). A SIGKILL or a full disk in between leaves a partial folder that ``get_last_checkpoint`` still returns.
 ``checkpoint_problems`` says why a folder cannot be resumed from (an empty list: complete): the save-in-progress
-marker that ``saving.py`` drops next to each folder, then the files themselves, including a cheap truncation check
-of safetensors and torch zip files, for folders saved by older versions or other tools. A finished
+marker that ``saving.py`` drops next to each folder, then the files themselves, by their contents (``shard_files.py``:
+safetensors, torch zip files, FSDP's DCP shards, DeepSpeed's partitions), for folders saved by older versions or other
+tools. A finished
 ``save_only_model`` save is complete as a model, not partial (``MODEL_ONLY``).
 """
 
@@ -13,11 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-import zipfile
 from pathlib import Path
 
 from fipo_trl.safety.run_settings import RUN_SETTINGS_FILE
+from fipo_trl.safety.shard_files import dcp_problems, deepspeed_problems, file_problem, torch_file_problem
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # the pattern of transformers.trainer_utils.get_last_checkpoint
 MARKER_PREFIX = "_saving_"  # "_*" files are left out of transformers' Hub uploads of output_dir
@@ -34,48 +34,12 @@ def saving_marker(folder: str | os.PathLike) -> Path:
     return folder.parent / f"{MARKER_PREFIX}{folder.name}"
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unusable (None: fine). The header lists every tensor's byte range, so a file cut
-    short by a kill or a full disk is caught without reading the tensors."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            if header_size > size:
-                return f"{path.name} is truncated"
-            header = json.loads(f.read(header_size))
-        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
-        return f"{path.name} is unreadable (truncated?)"
-    expected = 8 + header_size + end
-    return None if size == expected else f"{path.name} is truncated ({size} of {expected} bytes)"
-
-
-def _torch_file_problem(path: Path) -> str | None:
-    """Why a torch.save file is unusable. torch writes a zip whose directory sits at the end of the file: a cut-off
-    file has none. (A legacy pickle file can only be checked for being non-empty.)"""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-    except OSError as error:
-        return f"{path.name} is unreadable ({error})"
-    if not head:
-        return f"{path.name} is empty"
-    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
-        return f"{path.name} is truncated"
-    return None
-
-
-def _file_problem(path: Path) -> str | None:
-    return _safetensors_problem(path) if path.suffix == ".safetensors" else _torch_file_problem(path)
-
-
-def _weights_problems(folder: Path) -> list[str]:
+def _weights_problems(folder: Path, training_state: bool) -> list[str]:
     problems, found = [], False
     for name in ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin"):
         if (folder / name).is_file():
             found = True
-            if problem := _file_problem(folder / name):
+            if problem := file_problem(folder / name):
                 problems.append(problem)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
@@ -89,18 +53,29 @@ def _weights_problems(folder: Path) -> list[str]:
             continue
         for shard in shards:
             shard_path = folder / shard
-            problem = _file_problem(shard_path) if shard_path.is_file() else f"shard {shard} is missing"
+            problem = file_problem(shard_path) if shard_path.is_file() else f"shard {shard} is missing"
             if problem:
                 problems.append(problem)
-    # Formats transformers also resumes from, checked for presence only: LoRA adapters in sub-folders, FSDP
-    # (pytorch_model_fsdp*), DeepSpeed (global_step*, which holds the model and optimizer states).
     adapter_names = ("adapter_model.safetensors", "adapter_model.bin")
     for entry in folder.iterdir():
-        if entry.name.startswith(("pytorch_model_fsdp", "global_step")) or (
-                entry.is_dir() and any((entry / name).is_file() for name in adapter_names)):
+        if entry.is_dir() and any((entry / name).is_file() for name in adapter_names):  # LoRA, in a sub-folder
             found = True
+            problems += [p for name in adapter_names if (entry / name).is_file() and (p := file_problem(entry / name))]
+        elif entry.name.startswith("pytorch_model_fsdp"):  # FSDP: a full state dict file, or DCP shards
+            found = True
+            problems += dcp_problems(entry) if entry.is_dir() else [p for p in [torch_file_problem(entry)] if p]
+    if (folder / "latest").is_file() or any(folder.glob("global_step*")):  # DeepSpeed: model and optimizer states
+        found = True
+        problems += deepspeed_problems(folder, training_state, _world_size(folder))
     return problems if found else problems + ["no model weights (model.safetensors, a sharded index, "
                                               "adapter_model.safetensors, FSDP or DeepSpeed states)"]
+
+
+def _world_size(folder: Path) -> int | None:
+    """The number of processes that saved the checkpoint: each writes its rng_state_<rank>.pth."""
+    ranks = [int(m.group(1)) for path in folder.glob("rng_state_*.pth")
+             if (m := re.match(r"rng_state_(\d+)", path.name))]
+    return max(ranks) + 1 if ranks else None
 
 
 def _training_state_problems(folder: Path) -> list[str]:
@@ -110,19 +85,24 @@ def _training_state_problems(folder: Path) -> list[str]:
     # Other layouts: FSDP (optimizer.bin, optimizer_0/), XLA FSDP (rank*-of-*-optimizer.pt)
     other_optimizers = [*folder.glob("optimizer*"), *folder.glob("rank*-of-*-optimizer.pt")]
     if (folder / "optimizer.pt").is_file():
-        if problem := _torch_file_problem(folder / "optimizer.pt"):
+        if problem := torch_file_problem(folder / "optimizer.pt"):
             problems.append(problem)
     elif not other_optimizers and not deepspeed:
         problems.append("optimizer.pt is missing")
+    for entry in folder.glob("optimizer_*"):  # FSDP's sharded optimizer state (DCP)
+        if entry.is_dir():
+            problems += dcp_problems(entry)
+    if (folder / "optimizer.bin").is_file() and (problem := torch_file_problem(folder / "optimizer.bin")):
+        problems.append(problem)  # FSDP's full optimizer state
     if (folder / "scheduler.pt").is_file():
-        if problem := _torch_file_problem(folder / "scheduler.pt"):
+        if problem := torch_file_problem(folder / "scheduler.pt"):
             problems.append(problem)
     elif not deepspeed:
         problems.append("scheduler.pt is missing")
     rng_files = sorted(folder.glob("rng_state*.pth"))
     if not rng_files:
         problems.append("rng_state.pth is missing")
-    problems += [p for p in map(_torch_file_problem, rng_files) if p]
+    problems += [p for p in map(torch_file_problem, rng_files) if p]
     return problems
 
 
@@ -171,7 +151,7 @@ def checkpoint_problems(folder: str | os.PathLike, training_state: bool = True) 
                 json.loads(other.read_text())
             except (OSError, ValueError):
                 problems.append(f"{other.name} is unreadable (truncated?)")
-    problems += _weights_problems(folder)
+    problems += _weights_problems(folder, training_state)
     if training_state:
         if not problems and not _has_training_state_files(folder):
             # transformers writes trainer_state.json last: a finished save without any of these is model-only

@@ -460,3 +460,23 @@ def child_main():
 
 if __name__ == "__main__":
     child_main()
+
+
+def test_a_planted_dcp_metadata_pickle_never_runs(tmp_path):
+    """FSDP's sharded checkpoints keep their shard index in a pickle (.metadata): it is read with an unpickler that
+    admits only the metadata's own classes, so a planted file is refused, never run."""
+    import os
+    import pickle
+
+    from fipo_trl.safety.shard_files import dcp_problems
+
+    class Planted:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    folder = tmp_path / "pytorch_model_fsdp_0"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(Planted()))
+    assert dcp_problems(folder) == ["pytorch_model_fsdp_0/.metadata is unreadable (truncated, or not a checkpoint's "
+                                    "metadata)"]
+    assert not (tmp_path / "ran").exists()

@@ -1,0 +1,143 @@
+"""The sharded strategies our accelerate configs select, executed: FSDP2 (full and sharded state dicts) and DeepSpeed
+ZeRO-2/3 train FIPO on 2 CPU processes over gloo through `accelerate launch`, with the same losses and parameters as
+DDP, and checkpoints our completeness check reads by their contents.
+
+accelerate refuses to pick FSDP, and miscounts DeepSpeed's processes, on a CPU-only machine:
+tests/scripts/cpu_sharding.py (test-only, imported by the run script) changes that detection and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fipo_trl.safety.checkpoint_files import checkpoint_problems
+from fipo_trl.safety.resume import resolve_resume
+
+pytestmark = pytest.mark.slow  # subprocess runs of whole 2-process trainings
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "examples" / "accelerate_configs"
+# strategy: (our config, the CPU overrides that must differ from it, the environment)
+STRATEGIES = {
+    "ddp": ("ddp.yaml", [], {"ACCELERATE_USE_CPU": "true"}),
+    "fsdp2-full": ("fsdp2.yaml", [], {"ACCELERATE_USE_CPU": "true"}),
+    "fsdp2-sharded": ("fsdp2.yaml", ["--fsdp_state_dict_type", "SHARDED_STATE_DICT"], {"ACCELERATE_USE_CPU": "true"}),
+    "zero2": ("deepspeed_zero2.yaml", [], {"DS_ACCELERATOR": "cpu"}),
+    "zero3": ("deepspeed_zero3.yaml", [], {"DS_ACCELERATOR": "cpu"}),
+}
+SHARDED = [name for name in STRATEGIES if name != "ddp"]
+# Every strategy reduces the same float32 gradients in another order (DDP's bucketed all-reduce, FSDP2's
+# reduce-scatter, DeepSpeed's partitioned reduction): a loss differs by a few float32 ulps (~3e-8 at 0.3), and a
+# parameter after 4 Adam steps at lr 1e-2 by far less than 1 % of one step.
+LOSS_TOLERANCE, PARAM_TOLERANCE = 1e-6, 1e-4
+
+
+def launch(strategy: str, model_path: str, output_dir: Path, result_dir: Path, port: int, *extra: str):
+    config, overrides, env = STRATEGIES[strategy]
+    result_dir.mkdir(parents=True)
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    command = [accelerate, "launch", "--config_file", str(CONFIGS / config), *overrides, "--num_processes", "2",
+               "--mixed_precision", "no", "--main_process_port", str(port),
+               str(REPO / "tests" / "scripts" / "sharded_run.py"), model_path, str(output_dir), str(result_dir),
+               *extra]
+    run = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return [json.loads((result_dir / f"rank{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_path, tmp_path_factory):
+    """One 4-step run per strategy, from the same seed: {strategy: (output_dir, [rank 0 result, rank 1 result])}."""
+    root = tmp_path_factory.mktemp("sharded")
+    return {name: (root / name / "out", launch(name, tiny_model_path, root / name / "out", root / name / "results",
+                                                29541 + i))
+            for i, name in enumerate(STRATEGIES)}
+
+
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_fipo_trains_under_each_strategy_as_under_ddp(runs, strategy):
+    _, ranks = runs[strategy]
+    _, ddp = runs["ddp"]
+    expected_type = "DEEPSPEED" if strategy.startswith("zero") else "FSDP"
+    assert all(r["num_processes"] == 2 and r["distributed_type"] == f"DistributedType.{expected_type}" for r in ranks)
+    assert ranks[0]["active"][0] == 0 and ranks[0]["active"][1] > 0.9  # FIPO acts from each batch's 2nd update
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 4
+    assert ranks[0]["losses"] == pytest.approx(ddp[0]["losses"], abs=LOSS_TOLERANCE, rel=0)
+    assert ranks[0]["param_names"] == ddp[0]["param_names"]
+    worst = max(abs(a - b) for a, b in zip(ranks[0]["params"], ddp[0]["params"], strict=True))
+    assert worst <= PARAM_TOLERANCE, worst
+
+
+LAYOUT = {  # files each strategy's checkpoint must hold (beyond trainer_state.json and the RNG states)
+    "ddp": ["model.safetensors", "optimizer.pt"],
+    "fsdp2-full": ["pytorch_model_fsdp.bin", "optimizer.bin"],
+    "fsdp2-sharded": ["pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__0_0.distcp",
+                      "pytorch_model_fsdp_0/__1_0.distcp", "optimizer_0/.metadata", "optimizer_0/__1_0.distcp"],
+    "zero2": ["latest", "global_step4/mp_rank_00_model_states.pt",
+              "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+    "zero3": ["latest", "global_step4/zero_pp_rank_0_mp_rank_00_model_states.pt",
+              "global_step4/zero_pp_rank_1_mp_rank_00_model_states.pt",
+              "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+}
+
+
+def cut_short(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# what a bad copy or a disk fault leaves in each layout, and how the check names it
+DAMAGE = {
+    "fsdp2-full": ("optimizer.bin", "optimizer.bin is truncated"),
+    "fsdp2-sharded": ("pytorch_model_fsdp_0/__1_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp is truncated"),
+    "zero2": ("global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt is truncated"),
+    "zero3": ("global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt is truncated"),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_checkpoints_save_in_the_strategys_layout_and_are_complete_by_their_contents(runs, strategy):
+    output_dir, _ = runs[strategy]
+    for step in (2, 4):
+        checkpoint = output_dir / f"checkpoint-{step}"
+        assert checkpoint_problems(checkpoint) == [], step
+        assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+        assert (checkpoint / "fipo_run_settings.json").is_file()  # written once, by the main process
+    for name in LAYOUT[strategy]:
+        assert (output_dir / "checkpoint-4" / name).is_file(), name
+    # the main process alone held the lock and the save markers, and released them; the card was written
+    assert not list(output_dir.glob("_saving_*")) and not (output_dir / "_fipo_trl_run.lock").exists()
+    assert "FIPO" in (output_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_a_shard_cut_short_makes_the_checkpoint_incomplete_and_resume_skips_it(runs, strategy, tmp_path):
+    output_dir, _ = runs[strategy]
+    damaged = tmp_path / "out"
+    shutil.copytree(output_dir, damaged)
+    name, problem = DAMAGE[strategy]
+    cut_short(damaged / "checkpoint-4" / name)
+    assert any(problem in p for p in checkpoint_problems(damaged / "checkpoint-4")), problem
+    checkpoint, messages = resolve_resume(True, damaged)
+    assert checkpoint == str(damaged / "checkpoint-2")
+    assert "skipping the partial checkpoint" in messages[0] and problem in messages[0]
+
+
+def test_a_missing_rank_partition_makes_a_deepspeed_checkpoint_incomplete(runs, tmp_path):
+    damaged = tmp_path / "checkpoint-4"
+    shutil.copytree(runs["zero2"][0] / "checkpoint-4", damaged)
+    (damaged / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert checkpoint_problems(damaged) == ["global_step4 holds the optimizer partitions of ranks [0], not of all 2 "
+                                            "processes"]
