@@ -4,6 +4,7 @@ or a training step. `fipo-trl` shows these errors as one line (``inputs.checking
 from __future__ import annotations
 
 from fipo_trl.kernels.env import check_environment
+from fipo_trl.safety.config_values import check_deepspeed_config
 from fipo_trl.safety.data import check_train_dataset, check_training_data
 from fipo_trl.safety.inputs import checking_inputs
 from fipo_trl.safety.machine import check_liger_machine, check_vllm_machine
@@ -24,6 +25,7 @@ def check_before_load(model, reward_funcs, args, pargs: tuple, kwargs: dict) -> 
         check_train_dataset(train_dataset, args)
         check_training_data(train_dataset, args, model, reward_funcs, processing_class)
         check_vllm_machine(args)
+        check_deepspeed_config(args)
         if isinstance(model, str):  # before the load
             check_liger_machine(args)
 

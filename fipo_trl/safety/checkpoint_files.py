@@ -66,12 +66,12 @@ def _weights_problems(folder: Path, training_state: bool) -> list[str]:
             problems += dcp_problems(entry) if entry.is_dir() else [p for p in [torch_file_problem(entry)] if p]
     if (folder / "latest").is_file() or any(folder.glob("global_step*")):  # DeepSpeed: model and optimizer states
         found = True
-        problems += deepspeed_problems(folder, training_state, _world_size(folder))
+        problems += deepspeed_problems(folder, training_state, saved_world_size(folder))
     return problems if found else problems + ["no model weights (model.safetensors, a sharded index, "
                                               "adapter_model.safetensors, FSDP or DeepSpeed states)"]
 
 
-def _world_size(folder: Path) -> int | None:
+def saved_world_size(folder: Path) -> int | None:
     """The number of processes that saved the checkpoint: each writes its rng_state_<rank>.pth."""
     ranks = [int(m.group(1)) for path in folder.glob("rng_state_*.pth")
              if (m := re.match(r"rng_state_(\d+)", path.name))]

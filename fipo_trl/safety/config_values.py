@@ -5,7 +5,9 @@ generate, torch or TRL), crash in TRL's own checks, or train silently wrong. Eac
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from pathlib import Path
 
 # Counts TRL and transformers accept below their minimum: (minimum, what the value means).
@@ -107,3 +109,34 @@ def check_hub_model_id(args) -> None:
         raise ValueError(f"push_to_hub: the repository would be named after `output_dir`'s last folder, {repo_id!r}, "
                          f"which is not a valid Hub repository id: {error} Fix: set hub_model_id to 'name' or "
                          "'user/name'.") from None
+
+
+def check_deepspeed_config(args) -> None:
+    """A DeepSpeed config (``--deepspeed``, or accelerate's ``deepspeed_config_file``) whose batch geometry disagrees
+    with the trainer's flags: transformers refuses it only once training starts, after the model has loaded."""
+    source = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not source:
+        return
+    where = "--deepspeed" if isinstance(source, dict) else repr(str(source))
+    if isinstance(source, dict):
+        config = source
+    else:
+        try:
+            config = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"the DeepSpeed config {where} cannot be read ({error}). Fix: pass a JSON DeepSpeed "
+                             "config file.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"the DeepSpeed config {where} is not a JSON object. Fix: pass a DeepSpeed config file.")
+    expected = {"train_micro_batch_size_per_gpu": ("per_device_train_batch_size", args.per_device_train_batch_size),
+                "gradient_accumulation_steps": ("gradient_accumulation_steps", args.gradient_accumulation_steps),
+                "train_batch_size": ("per_device_train_batch_size x gradient_accumulation_steps x processes",
+                                     args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                     * args.world_size)}
+    for key, (flag, value) in expected.items():
+        if config.get(key) not in (None, "auto") and config[key] != value:
+            raise ValueError(
+                f"the DeepSpeed config {where} sets {key} = {config[key]!r}, but the trainer's {flag} is {value}: "
+                "DeepSpeed and the trainer would split the batch differently (transformers refuses it only after "
+                f"the model has loaded). Fix: set {key} to \"auto\" in the DeepSpeed config (it then follows the "
+                "trainer's flags), or change the flags to match it.")

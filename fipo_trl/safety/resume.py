@@ -24,6 +24,7 @@ from fipo_trl.safety.checkpoint_files import (
     is_model_only,
     list_checkpoints,
     newest_complete_checkpoint,
+    saved_world_size,
     saving_marker,
 )
 from fipo_trl.safety.lock import acquire_output_dir_lock, release_output_dir_lock
@@ -160,6 +161,7 @@ def prepare_resume(trainer, resume):
                 model = trainer.accelerator.unwrap_model(trainer.model)
                 check_resume_before_load(checkpoint, args, model.config)
                 check_checkpoint_layout(checkpoint, use_peft=hasattr(model, "peft_config"))
+                check_world_size(checkpoint, trainer.accelerator.num_processes)
                 step = checkpoint_global_step(checkpoint)
                 messages += check_resume_target(checkpoint, step, args, getattr(args, "overwrite_output_dir", False),
                                                 training_state)
@@ -296,6 +298,22 @@ def check_resume_before_load(checkpoint, args, model_config=None, model_name: st
     check_dynamic_sampling_seed(checkpoint, args)
 
 
+def check_world_size(checkpoint, world_size: int) -> None:
+    """A DeepSpeed ZeRO checkpoint holds one optimizer partition per process, and DeepSpeed loads it only on as many
+    processes. (FSDP's checkpoints reshard on load and DDP's hold the whole state: those resume on any number, with
+    the warning of run_settings.py.)"""
+    folder = Path(checkpoint)
+    if not ((folder / "latest").is_file() or any(folder.glob("global_step*"))):
+        return
+    saved = saved_world_size(folder)
+    if saved and saved != world_size:
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} is a DeepSpeed ZeRO checkpoint saved by {saved} processes, and "
+            f"this run has {world_size}: DeepSpeed loads its optimizer partitions only on as many processes. Fix: "
+            f"resume on {saved} processes (accelerate launch --num_processes {saved}), or start a new run from its "
+            "weights (its model.safetensors, or zero_to_fp32.py in it) with --model_name_or_path.")
+
+
 def check_checkpoint_layout(checkpoint, use_peft: bool) -> None:
     """A LoRA checkpoint holds only the adapter, a full one only the model: resumed into the other kind of model,
     transformers fails after the model loads ("Can't find a checkpoint index"). Name the flag instead."""
@@ -327,6 +345,7 @@ def check_output_dir_before_load(args, model_name_or_path: str | None = None, us
             check_resume_target(checkpoint, checkpoint_global_step(checkpoint), args, False, not args.save_only_model)
         if use_peft is not None:
             check_checkpoint_layout(checkpoint, use_peft)
+        check_world_size(checkpoint, args.world_size)
         config = None
         if model_name_or_path is not None:
             from transformers import AutoConfig

@@ -112,8 +112,9 @@ class SafeCheckpointsMixin:
     """Mix in before ``transformers.Trainer`` (FIPOTrainer does): ``train`` becomes safe against checkpoints cut
     short by a kill or a full disk. Resuming (True, "true" or a path) uses the newest *complete* checkpoint and warns
     about each partial one it skips, and every save is marked in progress until it has finished. One run at a time
-    writes output_dir (a lock), a fresh run never mixes its checkpoints with an earlier run's, and a resume is told
-    what settings changed. Nothing here is specific to FIPO."""
+    writes output_dir (a lock), a fresh run never mixes its checkpoints with an earlier run's, a resume is told
+    what settings changed, and the final model is saved whole under every FSDP setting. Nothing here is specific to
+    FIPO."""
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         resume_from_checkpoint = prepare_resume(self, resume_from_checkpoint)  # the main process now holds the lock
@@ -126,3 +127,13 @@ class SafeCheckpointsMixin:
         finally:
             if self.accelerator.is_main_process:
                 release_output_dir_lock(self.args.output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """transformers saves no model for FSDP's SHARDED_STATE_DICT (only checkpoints get its shards): the final
+        model would be lost in silence. It is gathered from the shards and saved whole, as with FULL_STATE_DICT."""
+        super().save_model(output_dir, _internal_call)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if _internal_call or not self.is_fsdp_enabled or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            return
+        state_dict = self.accelerator.get_state_dict(self.model)  # a collective: every rank takes part
+        self._save(output_dir, state_dict=state_dict)

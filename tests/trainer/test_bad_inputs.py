@@ -1,7 +1,9 @@
 """Clumsy inputs get a clear error that names the field and the fix (or a defined result), never a raw traceback,
 a silently wrong value or a NaN. One test per case of the reliability table in docs/reliability.md."""
 
+import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -302,3 +304,25 @@ def test_influence_page_isolates_each_token_direction():
     assert control.format("202E") + "evil" in page  # shown as a visible code point...
     assert "&lt;b&gt;" + control.format("2067") + "x" in page  # ...and the rest still escaped
     assert "unicode-bidi: isolate" in page  # each token span is its own bidi isolate
+
+
+@pytest.mark.parametrize(("key", "value", "flag"), [
+    ("train_micro_batch_size_per_gpu", 8, "per_device_train_batch_size is 4"),
+    ("gradient_accumulation_steps", 2, "gradient_accumulation_steps is 1"),
+    ("train_batch_size", 64, "per_device_train_batch_size x gradient_accumulation_steps x processes is 4"),
+])
+def test_a_deepspeed_config_disagreeing_with_the_batch_flags_is_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                               key, value, flag):
+    # accelerate passes a launch config's deepspeed_config_file to the processes it starts in this variable
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3}, key: value}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_config))
+    no_such_model = str(tmp_path / "no-model-here")  # loading it would fail: the check must come first
+    with pytest.raises(ValueError, match=rf"the DeepSpeed config '.*ds.json' sets {key} = {value}, but the trainer's "
+                                         rf"{re.escape(flag)}.*Fix: set {key} to \"auto\""):
+        FIPOTrainer(model=no_such_model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                    args=config(tmp_path / "out"), train_dataset=tiny_prompt_dataset(16))
+    ds_config.write_text(json.dumps({key: "auto"}))  # "auto" follows the trainer's flags: the model load is reached
+    with pytest.raises(OSError):
+        FIPOTrainer(model=no_such_model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                    args=config(tmp_path / "out"), train_dataset=tiny_prompt_dataset(16))

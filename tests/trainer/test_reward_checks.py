@@ -104,11 +104,14 @@ def test_none_is_trls_no_reward_even_for_the_whole_batch(trainer_with, caplog):
     assert rewards_of(trainer_with(constant(None), one_bad(None))).isnan().sum() == N + 1
 
 
-@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
-def test_a_reward_function_that_never_returns_is_stopped_by_the_time_limit(trainer_with, async_):
-    if async_:
+@pytest.mark.parametrize("kind", ["sync", "async", "async blocking its loop"])
+def test_a_reward_function_that_never_returns_is_stopped_by_the_time_limit(trainer_with, kind):
+    if kind == "async":
         async def stuck_reward(completions, **kwargs):
             await asyncio.sleep(3600)
+    elif kind == "async blocking its loop":  # time.sleep blocks the loop it runs on: no asyncio timer there fires
+        async def stuck_reward(completions, **kwargs):
+            time.sleep(3600)
     else:
         def stuck_reward(completions, **kwargs):
             time.sleep(3600)
@@ -210,18 +213,6 @@ def test_a_reward_that_edits_its_inputs_in_place_cannot_change_what_the_next_one
 
     rewards_of(trainer_with(vandal_reward, honest_reward))
     assert seen == [([f"completion {i}" for i in range(N)], [f"prompt {i}" for i in range(N)])]
-
-
-def test_an_async_reward_that_blocks_its_event_loop_is_still_stopped_by_the_time_limit(trainer_with):
-    async def blocking_reward(completions, **kwargs):
-        time.sleep(3600)  # blocks the loop it runs on: no asyncio timer on that loop can fire
-
-    trainer = trainer_with(blocking_reward, reward_func_timeout_seconds=0.5)
-    start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"reward function 'blocking_reward' did not return within "
-                                           r"reward_func_timeout_seconds = 0.5 s"):
-        rewards_of(trainer)
-    assert time.monotonic() - start < 30
 
 
 def test_an_async_reward_under_a_time_limit_keeps_its_own_loop_between_calls(trainer_with):

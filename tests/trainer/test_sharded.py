@@ -39,7 +39,10 @@ SHARDED = [name for name in STRATEGIES if name != "ddp"]
 LOSS_TOLERANCE, PARAM_TOLERANCE = 1e-6, 1e-4
 
 
-def launch(strategy: str, model_path: str, output_dir: Path, result_dir: Path, port: int, *extra: str):
+def launch(strategy: str, model_path: str, output_dir: Path, result_dir: Path, port: int, *extra: str,
+           fails: bool = False):
+    """Run sharded_run.py under `accelerate launch` on 2 CPU processes; each rank's result (or, with ``fails``, the
+    failed launch itself)."""
     config, overrides, env = STRATEGIES[strategy]
     result_dir.mkdir(parents=True)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
@@ -49,6 +52,9 @@ def launch(strategy: str, model_path: str, output_dir: Path, result_dir: Path, p
                *extra]
     run = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
                          timeout=900)
+    if fails:
+        assert run.returncode != 0, run.stdout[-2000:]
+        return run
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     return [json.loads((result_dir / f"rank{i}.json").read_text()) for i in range(2)]
 
@@ -141,3 +147,77 @@ def test_a_missing_rank_partition_makes_a_deepspeed_checkpoint_incomplete(runs, 
     (damaged / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     assert checkpoint_problems(damaged) == ["global_step4 holds the optimizer partitions of ranks [0], not of all 2 "
                                             "processes"]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_the_final_model_is_saved_whole_and_loads_in_one_process_and_generates(runs, strategy):
+    # fsdp2-sharded too: transformers saves no final model for SHARDED_STATE_DICT; SafeCheckpointsMixin gathers it
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fipo_trl.safety.shard_files import safetensors_problem
+
+    output_dir, ranks = runs[strategy]
+    final = output_dir / "final"
+    assert safetensors_problem(final / "model.safetensors") is None  # present and whole
+    model = AutoModelForCausalLM.from_pretrained(final)  # one process, no accelerate, no DeepSpeed
+    state = model.state_dict()
+    flat = torch.cat([state[name].double().flatten() for name in ranks[0]["param_names"]])
+    assert flat.tolist() == ranks[0]["params"]  # the trained weights, gathered whole from the shards
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    prompt = tokenizer("what is one plus one ?", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2-sharded"])
+def test_a_rank_killed_during_a_save_then_resume_true_ends_at_the_uninterrupted_parameters(
+        tiny_model_path, runs, strategy, tmp_path):
+    port = 29561 + SHARDED.index(strategy)
+    killed = launch(strategy, tiny_model_path, tmp_path / "out", tmp_path / "killed", port, "--kill_rank1_in_save",
+                    "4", fails=True)
+    assert "local_rank: 1" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr
+    problems = checkpoint_problems(tmp_path / "out" / "checkpoint-4")
+    assert "its save never finished (_saving_checkpoint-4 is still there)" in problems
+    resumed = launch(strategy, tiny_model_path, tmp_path / "out", tmp_path / "resumed", port, "--resume")
+    assert resumed[0]["global_step"] == 4 and (tmp_path / "out" / "incomplete-checkpoint-4").is_dir()
+    assert resumed[0]["losses"][-2:] == pytest.approx(runs[strategy][1][0]["losses"][-2:], abs=LOSS_TOLERANCE, rel=0)
+    worst = max(abs(a - b) for a, b in zip(resumed[0]["params"], runs[strategy][1][0]["params"], strict=True))
+    assert worst <= PARAM_TOLERANCE, worst
+
+
+def test_a_rank_killed_mid_run_ends_the_others_naming_it(tiny_model_path, tmp_path):
+    import time
+
+    start = time.monotonic()
+    killed = launch("zero3", tiny_model_path, tmp_path / "out", tmp_path / "results", 29571, "--kill_rank1_at_step",
+                    "2", fails=True)
+    assert time.monotonic() - start < 300  # torchrun's agent ends the surviving rank; it never waits forever
+    assert "local_rank: 1" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr
+    assert not (tmp_path / "results" / "rank0.json").exists()  # rank 0 did not carry on alone
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2-full"])
+def test_lora_a_reference_model_and_dynamic_sampling_train_together(tiny_model_path, strategy, tmp_path):
+    ranks = launch(strategy, tiny_model_path, tmp_path / "out", tmp_path / "results",
+                   29581 + SHARDED.index(strategy), "--lora_reference_dynamic")
+    assert ranks[0]["global_step"] == 4 and ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["active"][1] > 0.9  # FIPO acts on each generation batch's second update
+    assert len(ranks[0]["kl"]) == 4 and any(kl > 0 for kl in ranks[0]["kl"])  # the reference model is in the loss
+    assert len(ranks[0]["dynamic_sampling"]) == 2  # it ran on each of the 2 generation batches (2 updates each)
+    assert any("lora" in name for name in ranks[0]["param_names"])
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    assert checkpoint_problems(tmp_path / "out" / "checkpoint-4") == []
+
+
+def test_a_zero_checkpoint_resumed_on_another_number_of_processes_is_refused_naming_both(runs):
+    from fipo_trl.safety.resume import check_world_size
+
+    for strategy in ("zero2", "zero3"):
+        checkpoint = runs[strategy][0] / "checkpoint-4"
+        check_world_size(checkpoint, 2)
+        with pytest.raises(ValueError, match=r"a DeepSpeed ZeRO checkpoint saved by 2 processes, and this run has "
+                                             r"1: .*Fix: resume on 2 processes"):
+            check_world_size(checkpoint, 1)
+    for strategy in ("ddp", "fsdp2-full", "fsdp2-sharded"):  # these reshard or hold the whole state
+        check_world_size(runs[strategy][0] / "checkpoint-4", 1)
