@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -119,3 +120,12 @@ class HubStandIn:
                          "sha": repo.commits[-1] if repo.commits else "0" * 40,
                          "siblings": [{"rfilename": name} for name in sorted(repo.files)]}
         return 404, {"error": f"not found: {method} {path}"}
+
+
+def hub_env(endpoint, token):
+    """The environment of a process that pushes to the stand-in at ``endpoint`` with ``token``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="2",
+               HF_HUB_DOWNLOAD_TIMEOUT="2")
+    env.pop("TRANSFORMERS_OFFLINE", None)  # transformers turns it into HF_HUB_OFFLINE, which blocks every push
+    return env

@@ -55,7 +55,8 @@ class HubResilienceMixin:
         except Exception as error:  # noqa: BLE001
             warn_hub_failure(self, f"push {checkpoint_folder}", error)
             return
-        for job in self.push_in_progress.jobs if self.push_in_progress is not None else ():
+        in_progress = getattr(self, "push_in_progress", None)  # never set on the processes that do not push
+        for job in in_progress.jobs if in_progress is not None else ():
             if not getattr(job, "_fipo_watched", False):  # a background upload: report its failure when it ends
                 job._fipo_watched = True
                 job.add_done_callback(self._report_failed_push)

@@ -4,7 +4,7 @@ checkpoint-4, saves the final model, and writes what each rank saw (losses, FIPO
 parameters) to <result_dir>/rank<i>.json.
 
     python sharded_run.py MODEL OUTPUT_DIR RESULT_DIR [--resume] [--lora_reference_dynamic]
-                          [--kill_rank1_in_save STEP] [--kill_rank1_at_step STEP]
+                          [--kill_rank1_in_save STEP] [--kill_rank1_at_step STEP] [--push_to_hub REPO]
 """
 
 import argparse
@@ -54,8 +54,11 @@ def main():
                         help="LoRA, beta > 0 (a reference model) and dynamic sampling, together")
     parser.add_argument("--kill_rank1_in_save", type=int)
     parser.add_argument("--kill_rank1_at_step", type=int)
+    parser.add_argument("--push_to_hub", metavar="REPO", help="push the checkpoints and the final model (HF_ENDPOINT)")
     options = parser.parse_args()
     extra, peft_config = {}, None
+    if options.push_to_hub:
+        extra = dict(push_to_hub=True, hub_model_id=options.push_to_hub, hub_strategy="every_save")
     if options.lora_reference_dynamic:
         from peft import LoraConfig
 
@@ -73,6 +76,8 @@ def main():
         kill_rank1_in_save(trainer, options.kill_rank1_in_save)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     trainer.save_model(f"{options.output_dir}/final")  # the whole model: gathered from the shards
+    if options.push_to_hub:
+        trainer.push_to_hub(dataset_name="fipo-user/tiny-arithmetic")
     acc = trainer.accelerator
     state = acc.get_state_dict(trainer.model_wrapped)  # the full weights, gathered (on the main process)
     result = {"rank": acc.process_index, "num_processes": acc.num_processes,

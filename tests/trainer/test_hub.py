@@ -1,6 +1,5 @@
 """Pushing to the Hub through the real huggingface_hub client, against a Hub stand-in on loopback."""
 
-import os
 import secrets
 import socket
 import subprocess
@@ -8,19 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hub_stand_in import HubStandIn
+from hub_stand_in import HubStandIn, hub_env
 
 pytestmark = pytest.mark.slow  # subprocess runs of whole trainings
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "push_run.py"
-
-
-def hub_env(endpoint, token):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="2",
-               HF_HUB_DOWNLOAD_TIMEOUT="2")
-    env.pop("TRANSFORMERS_OFFLINE", None)  # transformers turns it into HF_HUB_OFFLINE, which blocks every push
-    return env
 
 
 def push_run(model_path, output_dir, endpoint, token, *flags):

@@ -40,18 +40,18 @@ LOSS_TOLERANCE, PARAM_TOLERANCE = 1e-6, 1e-4
 
 
 def launch(strategy: str, model_path: str, output_dir: Path, result_dir: Path, port: int, *extra: str,
-           fails: bool = False):
+           fails: bool = False, env: dict | None = None):
     """Run sharded_run.py under `accelerate launch` on 2 CPU processes; each rank's result (or, with ``fails``, the
     failed launch itself)."""
-    config, overrides, env = STRATEGIES[strategy]
+    config, overrides, strategy_env = STRATEGIES[strategy]
     result_dir.mkdir(parents=True)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     command = [accelerate, "launch", "--config_file", str(CONFIGS / config), *overrides, "--num_processes", "2",
                "--mixed_precision", "no", "--main_process_port", str(port),
                str(REPO / "tests" / "scripts" / "sharded_run.py"), model_path, str(output_dir), str(result_dir),
                *extra]
-    run = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(command, env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", **strategy_env},
+                         capture_output=True, text=True, timeout=900)
     if fails:
         assert run.returncode != 0, run.stdout[-2000:]
         return run
@@ -221,3 +221,21 @@ def test_a_zero_checkpoint_resumed_on_another_number_of_processes_is_refused_nam
             check_world_size(checkpoint, 1)
     for strategy in ("ddp", "fsdp2-full", "fsdp2-sharded"):  # these reshard or hold the whole state
         check_world_size(runs[strategy][0] / "checkpoint-4", 1)
+
+
+def test_a_zero3_run_pushes_its_checkpoints_and_its_whole_model_with_the_fipo_card(tiny_model_path, tmp_path):
+    import secrets
+
+    from hub_stand_in import HubStandIn, hub_env
+
+    token = f"hf_{secrets.token_hex(16)}"
+    with HubStandIn(token) as hub:
+        launch("zero3", tiny_model_path, tmp_path / "out", tmp_path / "results", 29591, "--push_to_hub",
+               "tiny-fipo-zero3", env=hub_env(hub.url, token))
+        repo = hub.repos["fipo-user/tiny-fipo-zero3"]
+    assert len(repo.commits) >= 2  # the checkpoints during training (every_save) and the final push
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert name in repo.files, sorted(repo.files)
+    card = repo.files["README.md"].decode()
+    assert "FIPO hyperparameters" in card and "2603.19835" in card
+    assert not any(name.startswith(("global_step", "_saving_", "_fipo_trl")) for name in repo.files)
