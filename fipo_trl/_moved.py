@@ -18,7 +18,7 @@ MOVED = {f"fipo_trl.{old}": f"fipo_trl.{new}" for old, new in {
     "reward_checks": "safety.rewards", "hub": "safety.hub", "versions": "safety.versions"}.items()}
 # An old module whose names now live in several: it re-exports each of their public names.
 SPLIT = {"fipo_trl.checkpoints": tuple(f"fipo_trl.safety.{name}" for name in (
-    "checkpoint_files", "resume", "lock", "run_settings", "saving"))}
+    "checkpoint_files", "shard_files", "resume", "resume_checks", "lock", "run_settings", "saving"))}
 
 
 def _warn(old: str) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from fipo_trl.safety.checkpoint_files import newest_complete_checkpoint, saving_marker
 from fipo_trl.safety.lock import release_output_dir_lock
-from fipo_trl.safety.resume import checkpoint_global_step, prepare_resume
+from fipo_trl.safety.resume import prepare_resume
+from fipo_trl.safety.resume_checks import checkpoint_global_step
 from fipo_trl.safety.run_settings import write_run_settings
 
 _INTERNAL_GONE = (

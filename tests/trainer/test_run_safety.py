@@ -388,7 +388,7 @@ def test_train_names_the_layout_too(tiny_model_path, finished_run, tmp_path):
 def test_a_move_that_cannot_be_made_is_named_before_anything_moves(finished_run, tmp_path, monkeypatch):
     import os
 
-    from fipo_trl.safety.resume import check_fresh_output_dir
+    from fipo_trl.safety.resume_checks import check_fresh_output_dir
 
     run = copy_run(finished_run, tmp_path)
     shutil.copytree(run / "checkpoint-2", run / "checkpoint-4")
@@ -401,7 +401,7 @@ def test_a_move_that_cannot_be_made_is_named_before_anything_moves(finished_run,
 
 
 def test_a_move_that_fails_halfway_says_where_the_old_run_now_lies(finished_run, tmp_path, monkeypatch):
-    from fipo_trl.safety.resume import check_fresh_output_dir
+    from fipo_trl.safety.resume_checks import check_fresh_output_dir
 
     run = copy_run(finished_run, tmp_path)
     shutil.copytree(run / "checkpoint-2", run / "checkpoint-4")

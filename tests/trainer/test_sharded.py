@@ -211,7 +211,7 @@ def test_lora_a_reference_model_and_dynamic_sampling_train_together(tiny_model_p
 
 
 def test_a_zero_checkpoint_resumed_on_another_number_of_processes_is_refused_naming_both(runs):
-    from fipo_trl.safety.resume import check_world_size
+    from fipo_trl.safety.resume_checks import check_world_size
 
     for strategy in ("zero2", "zero3"):
         checkpoint = runs[strategy][0] / "checkpoint-4"
