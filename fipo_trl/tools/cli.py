@@ -278,9 +278,9 @@ def train(argv: list[str]):
         reward_funcs = load_reward_funcs(reward_names, training_args, script_args)
         dataset, dataset_name = load_training_data(script_args, dataset_args, embedded)
         check_eval_split(dataset, script_args, training_args)
-        peft_config = get_peft_config(model_args)
         # a resume flag that resolves to a usable checkpoint, or a fresh run that mixes no checkpoints
         check_output_dir_before_load(training_args, model_args.model_name_or_path, bool(model_args.use_peft))
+        peft_config = get_peft_config(model_args)
         if training_args.process_index == 0:  # the run's lock, last: no bad input leaves a folder or a held lock
             acquire_output_dir_lock(training_args.output_dir)
     if embedded:
