@@ -170,7 +170,7 @@ def test_the_final_model_is_saved_whole_and_loads_in_one_process_and_generates(r
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp2-sharded"])
+@pytest.mark.parametrize("strategy", SHARDED)
 def test_a_rank_killed_during_a_save_then_resume_true_ends_at_the_uninterrupted_parameters(
         tiny_model_path, runs, strategy, tmp_path):
     port = 29561 + SHARDED.index(strategy)
