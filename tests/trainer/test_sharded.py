@@ -40,14 +40,14 @@ LOSS_TOLERANCE, PARAM_TOLERANCE = 1e-6, 1e-4
 
 
 def launch(strategy: str, model_path: str, output_dir: Path, result_dir: Path, port: int, *extra: str,
-           fails: bool = False, env: dict | None = None):
-    """Run sharded_run.py under `accelerate launch` on 2 CPU processes; each rank's result (or, with ``fails``, the
-    failed launch itself)."""
+           fails: bool = False, env: dict | None = None, processes: int = 2):
+    """Run sharded_run.py under `accelerate launch` on ``processes`` CPU processes; each rank's result (or, with
+    ``fails``, the failed launch itself)."""
     config, overrides, strategy_env = STRATEGIES[strategy]
     result_dir.mkdir(parents=True)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    command = [accelerate, "launch", "--config_file", str(CONFIGS / config), *overrides, "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", str(port),
+    command = [accelerate, "launch", "--config_file", str(CONFIGS / config), *overrides, "--num_processes",
+               str(processes), "--mixed_precision", "no", "--main_process_port", str(port),
                str(REPO / "tests" / "scripts" / "sharded_run.py"), model_path, str(output_dir), str(result_dir),
                *extra]
     run = subprocess.run(command, env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", **strategy_env},
@@ -56,7 +56,9 @@ def launch(strategy: str, model_path: str, output_dir: Path, result_dir: Path, p
         assert run.returncode != 0, run.stdout[-2000:]
         return run
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    return [json.loads((result_dir / f"rank{i}.json").read_text()) for i in range(2)]
+    ranks = [json.loads((result_dir / f"rank{i}.json").read_text()) for i in range(processes)]
+    ranks[0]["stderr"] = run.stderr
+    return ranks
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +241,22 @@ def test_a_zero3_run_pushes_its_checkpoints_and_its_whole_model_with_the_fipo_ca
     card = repo.files["README.md"].decode()
     assert "FIPO hyperparameters" in card and "2603.19835" in card
     assert not any(name.startswith(("global_step", "_saving_", "_fipo_trl")) for name in repo.files)
+
+
+def test_a_checkpoint_resumed_on_another_number_of_processes_warns_or_is_refused_as_its_format_calls_for(
+        tiny_model_path, runs, tmp_path):
+    # FSDP's sharded checkpoint reshards on load: it resumes on 3 processes, with the changed-settings warning
+    fsdp = tmp_path / "fsdp"
+    shutil.copytree(runs["fsdp2-sharded"][0], fsdp)
+    shutil.rmtree(fsdp / "checkpoint-4")  # resume from checkpoint-2
+    ranks = launch("fsdp2-sharded", tiny_model_path, fsdp, tmp_path / "fsdp-results", 29601, "--resume", processes=3)
+    assert ranks[0]["num_processes"] == 3 and ranks[0]["global_step"] == 4
+    assert "world_size: 2 -> 3 processes" in ranks[0]["stderr"]
+    # a ZeRO checkpoint holds one optimizer partition per process: refused, naming both numbers
+    zero = tmp_path / "zero3"
+    shutil.copytree(runs["zero3"][0], zero)
+    shutil.rmtree(zero / "checkpoint-4")
+    refused = launch("zero3", tiny_model_path, zero, tmp_path / "zero-results", 29602, "--resume", processes=3,
+                     fails=True)
+    assert "a DeepSpeed ZeRO checkpoint saved by 2 processes, and this run has 3" in refused.stderr
+    assert not (zero / "checkpoint-4").exists()  # nothing trained or saved
