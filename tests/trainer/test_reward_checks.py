@@ -201,18 +201,31 @@ def test_a_reward_that_calls_sys_exit_is_an_error_naming_it(trainer_with, wrap, 
 def test_a_reward_that_edits_its_inputs_in_place_cannot_change_what_the_next_one_scores(trainer_with):
     seen = []
 
-    def vandal_reward(completions, prompts, **kwargs):
+    def vandal_reward(completions, prompts, completion_ids, **kwargs):
         completions[0] = "rewritten"
         completions.append("extra")
         prompts.clear()
+        completion_ids[1].append(99)  # the token ids of one completion, edited in place
         return [0.0] * 4
 
-    def honest_reward(completions, prompts, **kwargs):
-        seen.append((list(completions), list(prompts)))
+    def honest_reward(completions, prompts, completion_ids, **kwargs):
+        seen.append((list(completions), list(prompts), [list(ids) for ids in completion_ids]))
         return [1.0] * len(completions)
 
     rewards_of(trainer_with(vandal_reward, honest_reward))
-    assert seen == [([f"completion {i}" for i in range(N)], [f"prompt {i}" for i in range(N)])]
+    assert seen == [([f"completion {i}" for i in range(N)], [f"prompt {i}" for i in range(N)], [[1, 2]] * N)]
+
+
+def test_the_private_copies_copy_every_mutable_level_and_share_the_scalars():
+    from fipo_trl.safety.rewards import private_copies
+
+    chat = [[{"role": "assistant", "content": "2"}]]
+    original = {"completions": chat, "completion_ids": [[1, 2]], "answer": ["2"], "trainer_state": object()}
+    copies = private_copies(original)
+    copies["completions"][0][0]["content"] = "3"
+    copies["completion_ids"][0].append(3)
+    assert chat == [[{"role": "assistant", "content": "2"}]] and original["completion_ids"] == [[1, 2]]
+    assert copies["trainer_state"] is original["trainer_state"]  # not a per-completion list: passed as it is
 
 
 def test_an_async_reward_under_a_time_limit_keeps_its_own_loop_between_calls(trainer_with):
