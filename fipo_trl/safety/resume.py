@@ -27,11 +27,9 @@ from fipo_trl.safety.checkpoint_files import (
 )
 from fipo_trl.safety.lock import acquire_output_dir_lock, release_output_dir_lock
 from fipo_trl.safety.resume_checks import (
-    check_checkpoint_layout,
     check_fresh_output_dir,
     check_resume_before_load,
     check_resume_target,
-    check_world_size,
     checkpoint_global_step,
 )
 from fipo_trl.safety.run_settings import (
@@ -163,9 +161,8 @@ def prepare_resume(trainer, resume):
                 messages += check_fresh_output_dir(args.output_dir, getattr(args, "overwrite_output_dir", False))
             else:
                 model = trainer.accelerator.unwrap_model(trainer.model)
-                check_resume_before_load(checkpoint, args, model.config)
-                check_checkpoint_layout(checkpoint, use_peft=hasattr(model, "peft_config"))
-                check_world_size(checkpoint, trainer.accelerator.num_processes)
+                check_resume_before_load(checkpoint, args, model.config, use_peft=hasattr(model, "peft_config"),
+                                         world_size=trainer.accelerator.num_processes)
                 step = checkpoint_global_step(checkpoint)
                 messages += check_resume_target(checkpoint, step, args, getattr(args, "overwrite_output_dir", False),
                                                 training_state)
@@ -212,9 +209,6 @@ def check_output_dir_before_load(args, model_name_or_path: str | None = None, us
         checkpoint, _ = resolve_resume(resume, args.output_dir, not args.save_only_model)
         if not getattr(args, "overwrite_output_dir", False):  # with it, train() moves the newer checkpoints
             check_resume_target(checkpoint, checkpoint_global_step(checkpoint), args, False, not args.save_only_model)
-        if use_peft is not None:
-            check_checkpoint_layout(checkpoint, use_peft)
-        check_world_size(checkpoint, args.world_size)
         config = None
         if model_name_or_path is not None:
             from transformers import AutoConfig
@@ -223,5 +217,6 @@ def check_output_dir_before_load(args, model_name_or_path: str | None = None, us
                 config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=args.trust_remote_code)
             except Exception:  # noqa: BLE001 - an unreadable model is reported by its load, with its own error
                 config = None
-        check_resume_before_load(checkpoint, args, config, model_name_or_path or "the model")
+        check_resume_before_load(checkpoint, args, config, model_name_or_path or "the model", use_peft,
+                                 args.world_size)
 

@@ -114,14 +114,20 @@ def check_fresh_output_dir(output_dir, overwrite: bool = False) -> list[str]:
 
 
 
-def check_resume_before_load(checkpoint, args, model_config=None, model_name: str = "the model") -> None:
-    """What breaks a resumed run, checked before the model and the checkpoint load: another architecture, another
-    seed under dynamic sampling."""
+def check_resume_before_load(checkpoint, args, model_config=None, model_name: str = "the model",
+                             use_peft: bool | None = None, world_size: int | None = None) -> None:
+    """What breaks a resumed run, checked before the checkpoint loads: another architecture, another seed under
+    dynamic sampling, another checkpoint layout (LoRA or whole model, when ``use_peft`` is known), another number of
+    DeepSpeed processes (when ``world_size`` is known)."""
     if checkpoint is None:
         return
     if model_config is not None:
         check_architecture(checkpoint, model_config, model_name)
     check_dynamic_sampling_seed(checkpoint, args)
+    if use_peft is not None:
+        check_checkpoint_layout(checkpoint, use_peft)
+    if world_size is not None:
+        check_world_size(checkpoint, world_size)
 
 
 def check_world_size(checkpoint, world_size: int) -> None:

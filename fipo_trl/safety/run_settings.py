@@ -50,27 +50,31 @@ def run_settings(trainer) -> dict:
     return cached
 
 
-def run_settings_problem(checkpoint) -> str | None:
-    """Why the checkpoint's settings record cannot be read (None: it can): missing (a checkpoint from before fipo_trl
-    recorded them, or of another tool, or deleted), not JSON, or not the record's shape (hand-edited)."""
-    path = Path(checkpoint) / RUN_SETTINGS_FILE
+def _load_record(checkpoint) -> tuple[dict | None, str | None]:
+    """(the checkpoint's settings record, None) or (None, why it cannot be read): missing (a checkpoint from before
+    fipo_trl recorded them, or of another tool, or deleted), not JSON, or not the record's shape (hand-edited)."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads((Path(checkpoint) / RUN_SETTINGS_FILE).read_text())
     except FileNotFoundError:
-        return f"it has no {RUN_SETTINGS_FILE}"
+        return None, f"it has no {RUN_SETTINGS_FILE}"
     except (OSError, ValueError) as error:
-        return f"its {RUN_SETTINGS_FILE} is unreadable ({type(error).__name__})"
+        return None, f"its {RUN_SETTINGS_FILE} is unreadable ({type(error).__name__})"
     if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
-        return f"its {RUN_SETTINGS_FILE} is not a settings record (no 'settings' mapping)"
-    return None
+        return None, f"its {RUN_SETTINGS_FILE} is not a settings record (no 'settings' mapping)"
+    return record, None
+
+
+def run_settings_problem(checkpoint) -> str | None:
+    """Why the checkpoint's settings record cannot be read (None: it can)."""
+    return _load_record(checkpoint)[1]
 
 
 def read_run_settings(checkpoint) -> dict | None:
     """The checkpoint's settings record, or None when it cannot be read (``run_settings_problem`` says why). Parts
     of another shape (a hand edit) are dropped: they cannot be compared."""
-    if run_settings_problem(checkpoint) is not None:
+    record, _ = _load_record(checkpoint)
+    if record is None:
         return None
-    record = json.loads((Path(checkpoint) / RUN_SETTINGS_FILE).read_text())
     return {"settings": record["settings"],
             "dataset": record.get("dataset") if isinstance(record.get("dataset"), dict) else None,
             "resumed": [entry for entry in record.get("resumed") or [] if isinstance(entry, dict)]
