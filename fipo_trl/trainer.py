@@ -220,3 +220,4 @@ class FIPOTrainer(SafeCheckpointsMixin, HubResilienceMixin, CheckedRewardsMixin,
             if not math.isnan(value):  # an extremum of an empty set: left out of this step, not logged as None
                 self._metrics[mode][f"fipo/{name}"].append(value)
         self._metrics[mode]["fipo/fused_kernel"].append(float(fused))  # 1: a fused kernel (Triton or C), 0: torch
+        self._metrics[mode]["fipo/vllm_generation"].append(float(self.use_vllm))  # 1: vLLM sampled, 0: transformers

