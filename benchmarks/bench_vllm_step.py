@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def run_arm(arm: str, model: str, steps: int, length: int) -> dict:
             max_completion_length=length, max_steps=steps, learning_rate=1e-6, fipo_updates_per_generation=2,
             report_to="none", logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
             generation_kwargs=exact_length, use_vllm=arm == "vllm", vllm_mode="colocate",
-            vllm_gpu_memory_utilization=0.1)
+            vllm_gpu_memory_utilization=0.1, fipo_inert_threshold=0)
         dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
         trainer = FIPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=dataset,
                               callbacks=[timer])
@@ -77,6 +78,14 @@ def run_arm(arm: str, model: str, steps: int, length: int) -> dict:
             "fipo_active": active}
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def summarize(results: dict, steps: int, length: int) -> str:
     def timing(result):
         times = result["step_s"][2:]  # the first generation batch (2 steps) is the warm-up
@@ -85,13 +94,12 @@ def summarize(results: dict, steps: int, length: int) -> str:
 
     t_whole, t_gen, t_upd = timing(results["transformers"])
     v_whole, v_gen, v_upd = timing(results["vllm"])
-    cpu = platform.processor() or platform.machine()
     import torch
     import trl
     import vllm
 
     lines = [
-        f"# The whole FIPO step on the CPU: vLLM colocate vs transformers generation ({cpu}, "
+        f"# The whole FIPO step on the CPU: vLLM colocate vs transformers generation ({cpu_name()}, "
         f"{torch.get_num_threads()} torch threads)",
         "",
         f"SmolLM2-135M-Instruct, 8 completions per optimizer step (2 prompts x 4), every completion exactly {length} "
@@ -109,7 +117,8 @@ def summarize(results: dict, steps: int, length: int) -> str:
         "",
         f"Mean completion lengths: transformers {results['transformers']['mean_length']}, vLLM "
         f"{results['vllm']['mean_length']}. fipo/active on the second update of each batch: transformers "
-        f"{results['transformers']['fipo_active'][1::2]}, vLLM {results['vllm']['fipo_active'][1::2]}.",
+        f"{[round(a, 3) for a in results['transformers']['fipo_active'][1::2]]}, vLLM "
+        f"{[round(a, 3) for a in results['vllm']['fipo_active'][1::2]]}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -153,7 +162,7 @@ def main() -> None:
     table = summarize(results, options.steps, options.completion_length)
     print(table)
     options.results_dir.mkdir(parents=True, exist_ok=True)
-    name = (platform.processor() or platform.machine()).lower().replace(" ", "_") or "cpu"
+    name = re.sub(r"[^a-z0-9]+", "_", cpu_name().lower()).strip("_") or "cpu"
     (options.results_dir / f"vllm_step_{name}.md").write_text(table)
 
 

