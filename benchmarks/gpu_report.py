@@ -20,7 +20,10 @@ try/except (an error is written into the report and the next section runs):
    (Qwen2.5-0.5B's transformer body as a Llama config, random init, the tiny word-level tokenizer, no download),
    bf16, without and with ``use_liger_kernel`` (only when liger-kernel is installed), each in its own process
    (Liger patches transformers' classes process-wide); steps timed as benchmarks/bench_trainer_step.py does.
-4. vllm: the vLLM colocate tests (tests/vllm_colocate, which CI runs on the CPU), when vLLM is installed.
+4. sharded: one FIPO run (4 steps, checkpoints at 2 and 4, the final model saved whole) under FSDP2 and one under
+   DeepSpeed ZeRO-3, each through ``accelerate launch`` with our config on 1 process (tests/scripts/sharded_run.py,
+   which CI runs on 2 CPU processes): the strategy engaged, FIPO active, checkpoint-4 complete by its contents.
+5. vllm: the vLLM colocate tests (tests/vllm_colocate, which CI runs on the CPU), when vLLM is installed.
 
 Without a CUDA device it exits at once with status 2 and one line saying so, before importing torch where it can.
 """
@@ -48,7 +51,10 @@ NO_CUDA_EXIT = 2
 TOKEN_COUNTS = (1 << 16, 1 << 20, 1 << 23)  # B * T: 64K, 1M, 8M tokens
 BATCH_SIZES = (8, 512)
 OFFICIAL_MAX_T = 16384  # the official algorithm is O(T^2) in time: longer rows are skipped
-SECTION_BUDGET_S = {"kernel": 60, "algorithms": 90, "trainer": 210, "vllm": 120}
+SECTION_BUDGET_S = {"kernel": 60, "algorithms": 90, "sharded": 100, "trainer": 210, "vllm": 120}
+# The sharded section: one FIPO run per strategy through `accelerate launch` with our config, on this one GPU
+SHARDED_STRATEGIES = {"FSDP2": ("fsdp2.yaml", "FSDP", "accelerate"), "DeepSpeed ZeRO-3": (
+    "deepspeed_zero3.yaml", "DEEPSPEED", "deepspeed")}
 
 # HBM peak bandwidth by device name (vendor data sheets), most specific first; matched on the lowercased name.
 PEAK_BANDWIDTH = (
@@ -434,6 +440,63 @@ def trainer_section(deadline: float):
     return lines, raw
 
 
+def sharded_run_summary(strategy: str, engaged: str, output_dir: Path, result_dir: Path) -> tuple[str, dict]:
+    """One table row from a sharded_run.py run: its rank-0 record and what it left in output_dir."""
+    from fipo_trl.safety.checkpoint_files import checkpoint_problems
+
+    record = json.loads((result_dir / "rank0.json").read_text())
+    problems = checkpoint_problems(str(output_dir / "checkpoint-4"))
+    final = any((output_dir / "final" / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
+    ok = (engaged in record["distributed_type"] and record["global_step"] == 4 and max(record["active"]) > 0
+          and not problems and final)
+    row = (f"| {strategy} | {record['distributed_type']} | {record['global_step']} | "
+           f"{', '.join(f'{a:.2f}' for a in record['active'])} | {', '.join(f'{x:.4f}' for x in record['losses'])} | "
+           f"{'complete' if not problems else '; '.join(problems)} | {'saved whole' if final else 'missing'} | "
+           f"{'ok' if ok else '**failed**'} |")
+    return row, {"ok": ok, **{key: record[key] for key in ("distributed_type", "global_step", "active", "losses")}}
+
+
+def sharded_section(deadline: float):
+    """FSDP2 and ZeRO-3 executed on this GPU: the run CI makes on 2 CPU processes, here on 1 GPU process."""
+    from fipo_trl.tools.tiny import build_tiny_model
+
+    lines = ["FIPO, 4 steps, through `accelerate launch --config_file examples/accelerate_configs/<config> "
+             "--num_processes 1 tests/scripts/sharded_run.py` (CI runs it on 2 CPU processes: docs/distributed.md).",
+             "", "| strategy | accelerate's distributed type | steps | fipo/active | losses | checkpoint-4 | final "
+             "model | |", "|---|---|---:|---|---|---|---|---|"]
+    raw = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        model = str(build_tiny_model(Path(scratch) / "model"))
+        for index, (strategy, (config, engaged, needs)) in enumerate(SHARDED_STRATEGIES.items()):
+            if importlib.util.find_spec(needs) is None:
+                lines.append(f"| {strategy} | skipped: {needs} is not installed | | | | | | |")
+                continue
+            output_dir, result_dir = Path(scratch) / f"out{index}", Path(scratch) / f"results{index}"
+            result_dir.mkdir()
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(ROOT / "examples" / "accelerate_configs" / config), "--num_processes", "1",
+                       "--mixed_precision", "no", "--main_process_port", str(29561 + index),
+                       str(ROOT / "tests" / "scripts" / "sharded_run.py"), model, str(output_dir), str(result_dir)]
+            timeout = deadline - time.monotonic()
+            started = time.monotonic()
+            try:
+                run = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 1), cwd=ROOT,
+                                     env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+            except subprocess.TimeoutExpired:
+                lines.append(f"| {strategy} | timed out after {timeout:.0f} s | | | | | | **failed** |")
+                raw[strategy] = {"timeout_s": timeout}
+                continue
+            if run.returncode != 0:
+                lines.append(f"| {strategy} | failed (exit {run.returncode}) | | | | | | **failed** |")
+                lines += ["", "```", *(run.stdout + run.stderr).strip().splitlines()[-15:], "```", ""]
+                raw[strategy] = {"returncode": run.returncode}
+                continue
+            row, raw[strategy] = sharded_run_summary(strategy, engaged, output_dir, result_dir)
+            lines.append(row)
+            raw[strategy]["seconds"] = time.monotonic() - started
+    return lines, raw
+
+
 def vllm_section(deadline: float):
     """The vLLM colocate tests CI runs on the CPU (tests/vllm_colocate), here on the GPU; the 2-process one needs 2
     GPUs. Server mode is not run: TRL syncs weights to the server over NCCL, which cannot pair two processes on one
@@ -505,6 +568,7 @@ def main(argv=None) -> int:
     sections = {"kernel": ("Kernel bandwidth",
                            lambda d: kernel_section(d, peak, properties.multi_processor_count)),
                 "algorithms": ("Three algorithms, same GPU", algorithms_section),
+                "sharded": ("FSDP2 and DeepSpeed ZeRO-3 on this GPU", sharded_section),
                 "trainer": ("Trainer step: FIPOTrainer / GRPOTrainer", trainer_section),
                 "vllm": ("vLLM colocate", vllm_section)}
     for key in cli.sections:

@@ -74,7 +74,7 @@ import sys
 print("python", sys.version.split()[0], sys.executable)
 for name in ("torch", "triton", "transformers", "trl", "datasets", "accelerate", "peft", "huggingface-hub",
              "tokenizers", "safetensors", "pyarrow", "dill", "multiprocess", "numpy", "liger-kernel", "vllm",
-             "fipo_trl"):
+             "deepspeed", "fipo_trl"):
     try:
         print(f"  {name} {metadata.version(name)}")
     except metadata.PackageNotFoundError:

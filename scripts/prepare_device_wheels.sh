@@ -28,6 +28,12 @@ pin() {  # NAME -> NAME==VERSION from scripts/constraints.txt
 # datasets 5.2.0 wants dill < 0.4.2 and multiprocess < 0.70.20 (its own pins, not in constraints.txt); these are
 # the newest in those ranges, as the CPU venv has them. multiprocess ships one wheel per Python (py312 here).
 PACKAGES=("$(pin trl)" "$(pin datasets)" "dill==0.4.1" "multiprocess==0.70.19")
+# DeepSpeed, for the report's ZeRO-3 run (its sharded section), and what it needs beyond the image: DeepSpeed has
+# only an sdist, built below into a pure-Python wheel without compiled ops (DS_BUILD_OPS=0; ZeRO-3 with the
+# trainer's torch optimizer needs none). These versions are the ones scripts/setup.sh resolves here.
+DEEPSPEED="$(pin deepspeed)"
+PACKAGES+=("einops==0.8.2" "hjson==3.1.0" "msgpack==1.2.4" "ninja==1.13.2" "py-cpuinfo==9.0.0" "pydantic==2.14.4"
+           "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5")
 for arg in "$@"; do
     case "$arg" in
         --with-liger) PACKAGES+=("$(pin liger-kernel)") ;;
@@ -40,6 +46,10 @@ mkdir -p "$WHEELS"
 "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WHEELS" "${PACKAGES[@]}" 2>&1 | { grep -v "is ignored" || true; }
+DS_BUILD_OPS=0 "$PYTHON" -m pip wheel -q --disable-pip-version-check --no-deps --no-cache-dir -w "$WHEELS" \
+    "$DEEPSPEED" 2>&1 | { grep -v "is ignored" || true; }
+compgen -G "$WHEELS/deepspeed-*-py3-none-any.whl" > /dev/null \
+    || { echo "prepare_device_wheels: building a pure-Python $DEEPSPEED wheel failed" >&2; exit 1; }
 
 # Every requirement of the wheels must be met on the device: by the image (with its version, where known) or by
 # another wheel here.

@@ -260,3 +260,23 @@ def test_a_checkpoint_resumed_on_another_number_of_processes_warns_or_is_refused
                      fails=True)
     assert "a DeepSpeed ZeRO checkpoint saved by 2 processes, and this run has 3" in refused.stderr
     assert not (zero / "checkpoint-4").exists()  # nothing trained or saved
+
+
+def test_the_gpu_reports_sharded_rows_read_a_run(runs, tmp_path):
+    """benchmarks/gpu_report.py's sharded section makes this run on 1 GPU; its row reads the same record and files."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    for strategy, engaged in (("fsdp2-full", "FSDP"), ("zero3", "DEEPSPEED")):
+        output_dir, _ = runs[strategy]
+        row, raw = gpu_report.sharded_run_summary(strategy, engaged, output_dir, output_dir.parent / "results")
+        assert raw["ok"] and "| complete | saved whole | ok |" in row, row
+    zero3, results = runs["zero3"][0], runs["zero3"][0].parent / "results"
+    row, raw = gpu_report.sharded_run_summary("zero3", "FSDP", zero3, results)
+    assert not raw["ok"] and row.endswith("**failed** |")  # the strategy did not engage: the row says so
+    shutil.copytree(zero3, tmp_path / "out")
+    shutil.rmtree(tmp_path / "out" / "final")
+    row, raw = gpu_report.sharded_run_summary("zero3", "DEEPSPEED", tmp_path / "out", results)
+    assert not raw["ok"] and "| missing |" in row
