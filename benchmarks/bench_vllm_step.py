@@ -42,21 +42,11 @@ def run_arm(arm: str, model: str, steps: int, length: int) -> dict:
     if arm == "vllm":
         sys.path.insert(0, str(REPO / "tests" / "scripts"))
         import cpu_vllm  # noqa: F401 - vLLM's CPU weight packing (see its docstring)
+    from bench_trainer_step import StepTimer  # this folder: each optimizer step's wall time
     from datasets import Dataset
-    from transformers import TrainerCallback
 
     from fipo_trl import FIPOConfig, FIPOTrainer
     from fipo_trl.tools.tiny import digit_reward
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begun, self.times = None, []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begun = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.begun)
 
     timer = StepTimer()
     exact_length = {"min_tokens": length} if arm == "vllm" else {"min_new_tokens": length}
