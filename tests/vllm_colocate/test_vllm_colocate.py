@@ -159,3 +159,19 @@ def test_the_card_and_the_metrics_say_that_vllm_generated(run, name):
     record = run(name)[0]
     assert set(record["metrics"]["fipo/vllm_generation"]) == {1.0}
     assert "| generation | vLLM, colocate mode; no importance-sampling correction (as official) |" in record["card"]
+
+
+def test_this_machine_accepts_colocate_and_refuses_server_mode_before_loading(tmp_path):
+    """The real checks, nothing stubbed: FIPOTrainer and `fipo-trl train` call check_vllm_machine before the model
+    loads. With vLLM's CPU build on a machine without a GPU, colocate runs and server mode (NCCL) is refused."""
+    import torch
+
+    from fipo_trl import FIPOConfig
+    from fipo_trl.safety.machine import check_vllm_machine, vllm_cpu_build
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: both modes can run")  # never in CI (a CPU machine); the GPU report only
+    assert vllm_cpu_build()
+    check_vllm_machine(FIPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate"))
+    with pytest.raises(ValueError, match="`vllm_mode='server'` needs a CUDA GPU"):
+        check_vllm_machine(FIPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="server"))
