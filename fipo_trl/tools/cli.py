@@ -262,6 +262,20 @@ def load_training_data(script_args, dataset_args, embedded: bool):
     return dataset, name
 
 
+def lora_config(model_args):
+    """TRL's get_peft_config. A TRL that passes LoRA options the installed peft lacks (TRL 1.9-1.15 pass
+    ``target_parameters``, peft >= 0.17) gets an error naming the fix, before anything loads."""
+    try:
+        return get_peft_config(model_args)
+    except TypeError as error:
+        import peft
+
+        raise ValueError(f"--use_peft: TRL's get_peft_config cannot build a LoraConfig with the installed peft "
+                         f"{peft.__version__} ({error}). Fix: pip install -U 'peft>=0.17', or pass "
+                         "peft_config=LoraConfig(...) to FIPOTrainer in Python (that works from peft 0.13)."
+                         ) from error
+
+
 def train(argv: list[str]):
     """Train with FIPO; returns the trainer."""
     from fipo_trl.tools.callbacks import PrintFIPOMetricsCallback
@@ -280,7 +294,7 @@ def train(argv: list[str]):
         check_eval_split(dataset, script_args, training_args)
         # a resume flag that resolves to a usable checkpoint, or a fresh run that mixes no checkpoints
         check_output_dir_before_load(training_args, model_args.model_name_or_path, bool(model_args.use_peft))
-        peft_config = get_peft_config(model_args)
+        peft_config = lora_config(model_args)
         if training_args.process_index == 0:  # the run's lock, last: no bad input leaves a folder or a held lock
             acquire_output_dir_lock(training_args.output_dir)
     if embedded:

@@ -51,3 +51,21 @@ def test_merged_adapter_gives_the_same_outputs(lora_run, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_fipo_trl_train_use_peft_builds_trls_lora_config_or_names_the_peft_to_install():
+    """`fipo-trl train --use_peft` builds its LoraConfig with TRL's get_peft_config, which passes target_parameters
+    (peft >= 0.17). On an older peft (the oldest stack: 0.13) that was a raw TypeError; it is an error with the fix."""
+    import peft
+    from packaging.version import Version
+    from trl import ModelConfig
+
+    from fipo_trl.tools.cli import lora_config
+
+    model_args = ModelConfig(use_peft=True, lora_r=4)
+    if "target_parameters" in peft.LoraConfig.__dataclass_fields__:
+        assert lora_config(model_args).r == 4
+    else:
+        assert Version(peft.__version__) < Version("0.17")
+        with pytest.raises(ValueError, match=r"--use_peft: .*peft 0\.\d+.* Fix: pip install -U 'peft>=0.17'"):
+            lora_config(model_args)
