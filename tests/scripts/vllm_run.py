@@ -9,7 +9,8 @@ and each rank writes what it saw to <result_dir>/rank<i>.json:
   model's (float64);
 - ``micro_batches``: each weighted micro-batch: whether every completion is one vLLM produced, and the largest
   differences of the trainer's log pi, log pi_old, FIPO weights and Future-KL from float64 references recomputed
-  independently (log pi_old under the weights vLLM generated with; the weights by kernels/naive.py);
+  independently (log pi_old under the weights vLLM generated with; the weights by kernels/naive.py), and the fipo/*
+  metrics of that reference;
 - the logged history (losses, fipo/*, kl, the IS ratio, dynamic sampling) and the model card.
 
     python vllm_run.py MODEL OUTPUT_DIR RESULT_DIR [--is_correction] [--lora_reference] [--dynamic_sampling]
@@ -26,7 +27,7 @@ from trl import GRPOTrainer
 
 from fipo_trl import FIPOConfig, FIPOTrainer
 from fipo_trl.kernels.naive import fipo_loss_naive
-from fipo_trl.loss import hyperparameters_from_config
+from fipo_trl.loss import hyperparameters_from_config, metrics_from_stats
 from fipo_trl.tools.tiny import completion_text, digit_reward, tiny_prompt_dataset
 
 FIXED_SEQUENCE = list(range(5, 37))  # the sequence whose log-probs the weight-sync check compares
@@ -141,6 +142,7 @@ def instrument(trainer, record):
             "weights": largest_difference(last["weights"], reference["w"], mask),
             "future_kl": largest_difference(last["future_kl"], reference["future_kl"], mask),
             "weights_not_one": largest_difference(reference["w"], torch.ones_like(reference["w"]), mask),
+            "reference_metrics": metrics_from_stats(reference["stats"]), "n_tokens": reference["stats"]["n_tokens"],
             "is_ratio": None if is_ratio is None else largest_difference(
                 is_ratio.expand_as(mask), is_ratio_reference(old, sampling, mask, trainer.args), mask),
         })
@@ -185,7 +187,7 @@ def main():
     record.update(rank=acc.process_index, num_processes=acc.num_processes, global_step=trainer.state.global_step,
                   losses=[h["loss"] for h in history if "loss" in h],
                   metrics={key: [h[key] for h in history if key in h]
-                           for key in sorted({k for h in history for k in h})},
+                           for key in sorted({k for h in history for k in h})}, history=history,
                   card=open(os.path.join(options.output_dir, "README.md")).read() if acc.is_main_process else None)
     with open(f"{options.result_dir}/rank{acc.process_index}.json", "w") as f:
         json.dump(record, f)

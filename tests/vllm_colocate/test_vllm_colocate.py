@@ -18,6 +18,7 @@ Tolerances, each against a float64 recomputation:
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -38,6 +39,9 @@ SCRIPT = REPO / "tests" / "scripts" / "vllm_run.py"
 LOGP_TOLERANCE = WEIGHT_TOLERANCE = 1e-5
 VLLM_TOLERANCE = 0.05
 IS_RATIO_TOLERANCE = 1e-6
+CONTINUOUS_METRICS = {"ppo_kl", "influence_weights_mean", "influence_weights_min", "influence_weights_max",
+                      "influence_weights_mean_raw", "raw_influence_weights_min", "raw_influence_weights_max",
+                      "neg_is_max", "pos_is_max", "pos_is_min", "future_kl_mean"}  # the others: shares of tokens
 RUNS = {  # name: vllm_run.py's flags
     "plain": [], "is_correction": ["--is_correction"], "lora_reference": ["--lora_reference"],
     "dynamic_sampling": ["--dynamic_sampling"],
@@ -97,10 +101,22 @@ def assert_fipo_exact_on_vllms_completions(record):
 
 @pytest.mark.parametrize("name", RUNS)
 def test_fipo_trains_with_vllm_generating_and_weights_are_exact_for_the_completions_vllm_produced(run, name):
-    """Also with TRL's IS correction on: FIPO's weights use pi_old, never the sampler's log-probs."""
+    """Also with TRL's IS correction on: FIPO's weights use pi_old, never the sampler's log-probs. The logged fipo/*
+    metrics of each step (one micro-batch per step, one process) are those of the float64 reference."""
     (record,) = run(name)
     assert_fipo_exact_on_vllms_completions(record)
     assert len(record["losses"]) == 4 and all(abs(loss) < 10 for loss in record["losses"])
+    logged = [entry for entry in record["history"] if "fipo/active" in entry]
+    assert len(logged) == len(record["micro_batches"]) == 4
+    for entry, batch in zip(logged, record["micro_batches"]):
+        for name, expected in batch["reference_metrics"].items():
+            if math.isnan(expected):  # an extremum of an empty set: left out of the step's log
+                assert f"fipo/{name}" not in entry
+                continue
+            # a share of tokens may differ by the one token sitting on a clip edge between float32 and float64
+            tolerance = (WEIGHT_TOLERANCE * max(1.0, abs(expected)) if name in CONTINUOUS_METRICS
+                         else 1.0 / batch["n_tokens"])
+            assert entry[f"fipo/{name}"] == pytest.approx(expected, abs=tolerance), (name, entry["step"])
 
 
 @pytest.mark.parametrize("name", ["plain", "lora_reference"])
