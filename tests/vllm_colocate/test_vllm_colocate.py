@@ -177,17 +177,29 @@ def test_the_card_and_the_metrics_say_that_vllm_generated(run, name):
     assert "| generation | vLLM, colocate mode; no importance-sampling correction (as official) |" in record["card"]
 
 
-def test_this_machine_accepts_colocate_and_refuses_server_mode_before_loading(tmp_path):
-    """The real checks, nothing stubbed: FIPOTrainer and `fipo-trl train` call check_vllm_machine before the model
-    loads. With vLLM's CPU build on a machine without a GPU, colocate runs and server mode (NCCL) is refused."""
+def test_this_machine_refuses_server_mode_and_packed_weights_and_accepts_colocate_with_the_stand_in(tmp_path):
+    """The real checks, nothing stubbed, before the model loads (the model path does not exist): on vLLM's CPU build
+    server mode (NCCL) is refused; so is colocate while vLLM packs its CPU weights (TRL's sync would fail, or leave
+    the LM head stale); with the weight-packing stand-in, colocate is accepted."""
     import torch
 
-    from fipo_trl import FIPOConfig
-    from fipo_trl.safety.machine import check_vllm_machine, vllm_cpu_build
+    from fipo_trl import FIPOConfig, FIPOTrainer
+    from fipo_trl.safety.machine import vllm_cpu_build
+    from fipo_trl.tools.tiny import tiny_prompt_dataset
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine: both modes can run")  # never in CI (a CPU machine); the GPU report only
     assert vllm_cpu_build()
-    check_vllm_machine(FIPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate"))
-    with pytest.raises(ValueError, match="`vllm_mode='server'` needs a CUDA GPU"):
-        check_vllm_machine(FIPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="server"))
+    model, reward = str(tmp_path / "no-model-here"), lambda completions, **kwargs: [0.0] * len(completions)
+    for mode, error in (("server", "`vllm_mode='server'` needs a CUDA GPU"),
+                        ("colocate", "vLLM packs the weights of its linear layers and LM head")):
+        args = FIPOConfig(output_dir=str(tmp_path / "out"), use_vllm=True, vllm_mode=mode, use_cpu=True)
+        with pytest.raises(ValueError, match=error):
+            FIPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=tiny_prompt_dataset(8))
+    with_stand_in = (f"import sys; sys.path.insert(0, {str(REPO / 'tests' / 'scripts')!r}); import cpu_vllm\n"
+                     "from fipo_trl import FIPOConfig\nfrom fipo_trl.safety.machine import check_vllm_machine\n"
+                     f"check_vllm_machine(FIPOConfig(output_dir={str(tmp_path / 'out')!r}, use_vllm=True, "
+                     "vllm_mode='colocate', use_cpu=True))\nprint('accepted')")
+    accepted = subprocess.run([sys.executable, "-c", with_stand_in], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **ENV})
+    assert accepted.returncode == 0 and "accepted" in accepted.stdout, accepted.stderr[-3000:]
