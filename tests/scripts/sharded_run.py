@@ -7,13 +7,12 @@ parameters) to <result_dir>/rank<i>.json.
                           [--kill_rank1_in_save STEP] [--kill_rank1_at_step STEP] [--push_to_hub REPO]
 """
 
-import argparse
 import os
 import signal
 
 import cpu_sharding  # noqa: F401 - first: accelerate's CPU device and process detection (see its docstring)
 import torch
-from rank_results import write_rank_result
+from rank_results import run_parser, write_rank_result
 from transformers import TrainerCallback
 
 from fipo_trl import FIPOConfig, FIPOTrainer
@@ -45,10 +44,7 @@ def kill_rank1_in_save(trainer, step):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_path")
-    parser.add_argument("output_dir")
-    parser.add_argument("result_dir")
+    parser = run_parser()
     parser.add_argument("--resume", action="store_true", help="--resume_from_checkpoint true")
     parser.add_argument("--lora_reference_dynamic", action="store_true",
                         help="LoRA, beta > 0 (a reference model) and dynamic sampling, together")

@@ -16,13 +16,13 @@ and each rank writes what it saw to <result_dir>/rank<i>.json:
     python vllm_run.py MODEL OUTPUT_DIR RESULT_DIR [--is_correction] [--lora_reference] [--dynamic_sampling]
 """
 
-import argparse
 import copy
 import json
 import os
 
 import cpu_vllm  # noqa: F401 - before the engine is built: vLLM's CPU weight packing (see its docstring)
 import torch
+from rank_results import run_parser
 from trl import GRPOTrainer
 
 from fipo_trl import FIPOConfig, FIPOTrainer
@@ -152,10 +152,7 @@ def instrument(trainer, record):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_path")
-    parser.add_argument("output_dir")
-    parser.add_argument("result_dir")
+    parser = run_parser()
     parser.add_argument("--is_correction", action="store_true", help="TRL's vLLM importance-sampling correction")
     parser.add_argument("--lora_reference", action="store_true", help="LoRA (TRL merges it to sync) and beta > 0")
     parser.add_argument("--dynamic_sampling", action="store_true", help="refill rounds generate through vLLM")
