@@ -33,9 +33,12 @@ from fipo_trl.tools.tiny import completion_text, digit_reward, tiny_prompt_datas
 FIXED_SEQUENCE = list(range(5, 37))  # the sequence whose log-probs the weight-sync check compares
 
 
-def float64_logps(trainer, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Per-token log-probs of the completions under a float64 copy of ``model``, by TRL's own routine."""
-    model64 = copy.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
+def float64_copy(trainer, model):
+    return copy.deepcopy(trainer.accelerator.unwrap_model(model)).double().eval()
+
+
+def float64_logps(trainer, model64, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Per-token log-probs of the completions under ``model64`` (a float64_copy), by TRL's own routine."""
     with torch.no_grad():
         return GRPOTrainer._get_per_token_logps_and_entropies(
             trainer, model64, torch.cat([prompt_ids, completion_ids], 1),
@@ -52,8 +55,8 @@ def vllm_prompt_logps(llm, ids):
 
 
 def model_logps(trainer, ids):
-    return float64_logps(trainer, trainer.model, torch.tensor([ids[:1]]), torch.ones(1, 1), torch.tensor([ids[1:]]),
-                         torch.ones(1, len(ids) - 1))[0]
+    return float64_logps(trainer, float64_copy(trainer, trainer.model), torch.tensor([ids[:1]]), torch.ones(1, 1),
+                         torch.tensor([ids[1:]]), torch.ones(1, len(ids) - 1))[0]
 
 
 def is_ratio_reference(old, sampling, mask, args):
@@ -98,7 +101,7 @@ def instrument(trainer, record):
 
     def recorded_generate(*args, **kwargs):
         prompt_ids, completion_ids, logprobs, *rest = generate(*args, **kwargs)
-        seen["pi_old"] = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).double().eval()
+        seen["pi_old"] = float64_copy(trainer, trainer.model)
         if seen.get("step") != trainer.state.global_step:  # a new generation batch (else a dynamic-sampling refill)
             seen.update(step=trainer.state.global_step, batch_completions=[])
         seen["batch_completions"] += [tuple(ids) for ids in completion_ids]
@@ -126,7 +129,7 @@ def instrument(trainer, record):
         mask = get("completion_mask").bool()
         rows = [tuple(ids[:int(n)].tolist()) for ids, n in zip(get("completion_ids"), mask.sum(1))]
         inputs = (get("prompt_ids"), get("prompt_mask"), get("completion_ids"), get("completion_mask"))
-        logps64 = float64_logps(trainer, trainer.model, *inputs)
+        logps64 = float64_logps(trainer, float64_copy(trainer, trainer.model), *inputs)
         old, sampling, is_ratio = get("old_per_token_logps"), get("sampling_per_token_logps"), get(
             "importance_sampling_ratio")
         old64 = logps64 if old is None else float64_logps(trainer, seen["pi_old"], *inputs)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_utils import load_report_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "gpu_smoke_test.py"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,15 +74,6 @@ def test_the_smoke_script_drops_the_interpreter_for_its_checks(monkeypatch):
 # --- benchmarks/gpu_report.py: the GPU table's one command ----------------------------------------------------------
 
 REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_report.py"
-
-
-def load_report_module():
-    sys.path.insert(0, str(REPORT.parent))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(REPORT.parent))
-    return gpu_report
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU exit")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from trainer_utils import load_report_module
 
 from fipo_trl.safety.checkpoint_files import checkpoint_problems
 from fipo_trl.safety.resume import resolve_resume
@@ -264,11 +265,7 @@ def test_a_checkpoint_resumed_on_another_number_of_processes_warns_or_is_refused
 
 def test_the_gpu_reports_sharded_rows_read_a_run(runs, tmp_path):
     """benchmarks/gpu_report.py's sharded section makes this run on 1 GPU; its row reads the same record and files."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    gpu_report = load_report_module()
     for strategy, engaged in (("fsdp2-full", "FSDP"), ("zero3", "DEEPSPEED")):
         output_dir, _ = runs[strategy]
         row, raw = gpu_report.sharded_run_summary(strategy, engaged, output_dir, output_dir.parent / "results")

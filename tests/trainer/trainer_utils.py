@@ -1,6 +1,9 @@
 """What the trainer tests share: one explicit config for GRPOTrainer and FIPOTrainer, and a crafted micro-batch that
 makes the sequence filter fire."""
 
+import sys
+from pathlib import Path
+
 import torch
 from trl import GRPOTrainer
 
@@ -37,3 +40,14 @@ def crafted_micro_batch(trainer, tokenizer):
     shift[1, 2] = 3.0
     batch["old_per_token_logps"] = (logps - shift) * completion_mask
     return batch, logps
+
+
+def load_report_module():
+    """benchmarks/gpu_report.py as a module (benchmarks/ is not a package)."""
+    benchmarks = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(benchmarks)
+    return gpu_report
